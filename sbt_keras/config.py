@@ -1,0 +1,196 @@
+"""The run configuration: one frozen dataclass, built once from flags and validated up front.
+
+Every module below `run.py` takes a `Config` (never FLAGS). `resolve()` fills in defaults that
+depend on other settings (weight decay per model, base_lr from log2_base_lr, bn_batch_size)
+and raises `ConfigError` with a one-line, flag-named message for anything impossible, before
+TensorFlow is even imported. The resolved config is saved as `config.yaml` beside each run.
+"""
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+from sbt_keras import data
+from sbt_keras.errors import ConfigError
+
+STRATEGIES = ("default", "mirrored")
+WEIGHT_DECAY_SCOPES = ("kernels", "all")
+# Kept in sync with models.MODELS / layers.NORMS by tests; listed here so that validation
+# does not need TensorFlow.
+MODEL_NAMES = ("alexnet_reduced", "resnet8", "resnet20", "resnet32")
+NORM_NAMES = ("none", "batch", "group", "layer")
+DEFAULT_WEIGHT_DECAY = {"alexnet_reduced": 5e-4, "resnet8": 1e-4, "resnet20": 1e-4,
+                        "resnet32": 1e-4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of one training run. Field names match the absl flags."""
+
+    # Model.
+    model: str = "resnet20"
+    norm: str = "batch"
+    norm_dense: bool = True
+    bn_batch_size: int = 0  # 0: the per-replica batch, i.e. ordinary BN.
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    # Data.
+    dataset: str = "cifar10"
+    cifar_dir: Optional[str] = None
+    data_dir: Optional[str] = None
+    download: bool = True
+    augment: bool = False
+    train_examples: int = 0  # 0: all.
+    test_examples: int = 0
+    image_size: int = 32  # synthetic only
+    num_classes: int = 10  # synthetic only
+    synthetic_train: int = 1024
+    synthetic_test: int = 256
+    # Optimisation: summed-gradient SGD, eta = batch_size * base_lr.
+    batch_size: int = 128
+    base_lr: Optional[float] = None
+    log2_base_lr: Optional[float] = None
+    weight_decay: Optional[float] = None  # None: the paper's value for the model.
+    weight_decay_on: str = "kernels"
+    epochs: int = 82
+    lr_decay_fractions: Tuple[float, ...] = (0.5, 0.75)
+    lr_decay_epochs: Tuple[int, ...] = ()  # overrides the fractions when given
+    lr_decay_factor: float = 0.1
+    warmup: bool = False
+    warmup_fraction: float = 0.05
+    warmup_start_factor: float = 1.0 / 32
+    # Evaluation and records.
+    median_of: int = 5
+    eval_batch_size: int = 500
+    histogram_freq: int = 0
+    output_dir: str = "runs/default"
+    # Execution.
+    seed: int = 0
+    deterministic: bool = False
+    strategy: str = "default"
+    steps_per_execution: int = 1
+    jit_compile: bool = False
+
+    # ------------------------------------------------------------------ resolution
+    def resolve(self) -> "Config":
+        """Returns a copy with derived defaults filled in; raises ConfigError if impossible."""
+        c = self
+        _choose("model", c.model, MODEL_NAMES)
+        _choose("norm", c.norm, NORM_NAMES)
+        _choose("strategy", c.strategy, STRATEGIES)
+        _choose("weight_decay_on", c.weight_decay_on, WEIGHT_DECAY_SCOPES)
+        info = self.data_info()  # validates dataset name, cifar_dir contents and caps
+
+        if c.base_lr is not None and c.log2_base_lr is not None:
+            raise ConfigError("--base_lr and --log2_base_lr were both given; set only one")
+        if c.base_lr is None and c.log2_base_lr is None:
+            raise ConfigError("set the base learning rate: --base_lr=ETA_TILDE or "
+                              "--log2_base_lr=K (eta_tilde = 2**K)")
+        base_lr = c.base_lr if c.base_lr is not None else 2.0 ** c.log2_base_lr
+        if not (base_lr > 0 and math.isfinite(base_lr)):
+            raise ConfigError(f"--base_lr={base_lr} must be a positive finite number")
+        weight_decay = (DEFAULT_WEIGHT_DECAY[c.model] if c.weight_decay is None
+                        else c.weight_decay)
+        if weight_decay < 0:
+            raise ConfigError(f"--weight_decay={weight_decay} must be >= 0")
+
+        _positive("batch_size", c.batch_size)
+        _positive("epochs", c.epochs)
+        _positive("eval_batch_size", c.eval_batch_size)
+        _positive("steps_per_execution", c.steps_per_execution)
+        _positive("median_of", c.median_of)
+        if c.batch_size > info.num_train:
+            raise ConfigError(f"--batch_size={c.batch_size} is larger than the "
+                              f"{info.num_train} training examples; lower it")
+        if c.median_of > c.epochs:
+            raise ConfigError(f"--epochs={c.epochs} is fewer than the {c.median_of} final "
+                              f"epochs whose median is reported; raise --epochs or lower "
+                              f"--median_of")
+        bn_batch_size = c.bn_batch_size or c.batch_size
+        if c.bn_batch_size < 0:
+            raise ConfigError(f"--bn_batch_size={c.bn_batch_size} must be >= 1 (or 0 for "
+                              f"the per-replica batch)")
+        if c.batch_size % bn_batch_size:
+            raise ConfigError(f"--batch_size={c.batch_size} is not divisible by "
+                              f"--bn_batch_size={bn_batch_size}; choose a divisor")
+        if c.bn_batch_size and c.norm != "batch":
+            raise ConfigError(f"--bn_batch_size only applies to --norm=batch "
+                              f"(got --norm={c.norm}); drop it")
+        if not 0 <= c.bn_momentum < 1:
+            raise ConfigError(f"--bn_momentum={c.bn_momentum} must be in [0, 1)")
+        if not c.bn_epsilon > 0:
+            raise ConfigError(f"--bn_epsilon={c.bn_epsilon} must be > 0")
+        if not 0 < c.lr_decay_factor <= 1:
+            raise ConfigError(f"--lr_decay_factor={c.lr_decay_factor} must be in (0, 1]")
+        fractions = tuple(float(f) for f in c.lr_decay_fractions)
+        if any(not 0 < f < 1 for f in fractions) or list(fractions) != sorted(fractions):
+            raise ConfigError(f"--lr_decay_fractions={','.join(map(str, fractions))} must be "
+                              f"increasing and inside (0, 1)")
+        decay_epochs = tuple(int(e) for e in c.lr_decay_epochs)
+        if (any(not 0 < e < c.epochs for e in decay_epochs)
+                or list(decay_epochs) != sorted(decay_epochs)):
+            raise ConfigError(f"--lr_decay_epochs={','.join(map(str, decay_epochs))} must be "
+                              f"increasing and inside (0, --epochs={c.epochs})")
+        if c.warmup and not 0 < c.warmup_fraction < 1:
+            raise ConfigError(f"--warmup_fraction={c.warmup_fraction} must be in (0, 1)")
+        if c.warmup and not 0 < c.warmup_start_factor <= 1:
+            raise ConfigError(f"--warmup_start_factor={c.warmup_start_factor} must be in "
+                              f"(0, 1]")
+        if c.histogram_freq < 0:
+            raise ConfigError(f"--histogram_freq={c.histogram_freq} must be >= 0")
+        if not c.output_dir:
+            raise ConfigError("--output_dir is empty; give a directory for the run's records")
+        return dataclasses.replace(
+            c, base_lr=float(base_lr), log2_base_lr=math.log2(base_lr),
+            weight_decay=float(weight_decay), bn_batch_size=bn_batch_size,
+            lr_decay_fractions=fractions, lr_decay_epochs=decay_epochs)
+
+    def data_info(self) -> "data.DataInfo":
+        """Sizes of the chosen data, computed without TensorFlow (validates the source)."""
+        if self.cifar_dir and self.dataset not in ("cifar10", "cifar100"):
+            raise ConfigError(f"--cifar_dir reads CIFAR binaries; it cannot be used with "
+                              f"--dataset={self.dataset}")
+        return data.describe(
+            self.dataset, cifar_dir=self.cifar_dir, train_examples=self.train_examples,
+            test_examples=self.test_examples, image_size=self.image_size,
+            num_classes=self.num_classes, synthetic_train=self.synthetic_train,
+            synthetic_test=self.synthetic_test)
+
+    def check_replicas(self, num_replicas: int) -> None:
+        """Divisibility that depends on the strategy's replica count."""
+        if self.batch_size % num_replicas:
+            raise ConfigError(f"--batch_size={self.batch_size} is not divisible by the "
+                              f"{num_replicas} replicas of --strategy={self.strategy}")
+        per_replica = self.batch_size // num_replicas
+        if per_replica % self.bn_batch_size:
+            raise ConfigError(f"--bn_batch_size={self.bn_batch_size} does not divide the "
+                              f"per-replica batch {per_replica} (= --batch_size "
+                              f"{self.batch_size} / {num_replicas} replicas); choose a "
+                              f"divisor of {per_replica}")
+
+    # ------------------------------------------------------------------ records
+    def to_dict(self) -> dict:
+        """Plain types only, so it round-trips through YAML."""
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
+
+
+def _choose(flag, value, choices):
+    if value not in choices:
+        raise ConfigError(f"--{flag}={value} is unknown; choose one of {', '.join(choices)}")
+
+
+def _positive(flag, value):
+    if not value > 0:
+        raise ConfigError(f"--{flag}={value} must be a positive integer")

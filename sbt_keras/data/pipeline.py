@@ -1,0 +1,120 @@
+"""tf.data input pipelines over in-memory arrays.
+
+The training stream is a pure function of ``(seed, epoch, batch)``: epoch ``e`` uses the
+permutation drawn from a seed derived from ``(seed, e)`` and batch ``b`` of it is
+augmented with a seed derived from ``(seed, e, b)``. Nothing depends on iterator state,
+so a run resumed at ``start_epoch=k`` sees exactly the batches an uninterrupted run sees
+from epoch ``k`` on, and the global stream is the same however many replicas split it.
+
+Order of operations per batch: gather uint8 -> float32 -> pad/crop/flip -> standardize.
+Augmenting *before* standardizing means the 4-pixel padding is 0 in raw pixel space,
+i.e. black, as in the paper's zero padding (after standardization it becomes
+``-mean/std`` per channel, not 0).
+"""
+
+import tensorflow as tf
+
+from sbt_keras.data import augment as augment_lib
+from sbt_keras.errors import ConfigError
+
+# Independent random streams folded into the root seed.
+_SHUFFLE_STREAM = 0
+_AUGMENT_STREAM = 1
+
+
+def _root_seed(seed):
+    return tf.constant([seed, 0], tf.int64)
+
+
+def _stream_seed(root, stream, *data):
+    key = tf.random.experimental.stateless_fold_in(root, tf.constant(stream, tf.int64))
+    for d in data:
+        key = tf.random.experimental.stateless_fold_in(key, tf.cast(d, tf.int64))
+    return key
+
+
+def _options(ds):
+    opts = tf.data.Options()
+    opts.deterministic = True
+    return ds.with_options(opts)
+
+
+def train_dataset(arrays, *, batch_size, seed, epochs, start_epoch=0, augment, mean, std):
+    """The training stream for epochs ``start_epoch .. epochs-1``, concatenated.
+
+    Each epoch is a fresh permutation of the ``N`` examples cut into ``N // batch_size``
+    full batches (the remainder of the permutation is dropped, so every batch has exactly
+    ``batch_size`` examples).
+
+    Args:
+      arrays: object with ``images`` (uint8 ``[N, H, W, 3]``) and ``labels`` (int ``[N]``).
+      batch_size: global batch size.
+      seed: integer seed; the whole stream is a function of it.
+      epochs: total number of epochs of the full run.
+      start_epoch: first epoch to produce (for resuming).
+      augment: apply random pad/crop/flip.
+      mean, std: per-channel statistics for standardization (0..255 scale).
+
+    Returns:
+      ``tf.data.Dataset`` of ``(float32 [batch_size, H, W, 3], int32 [batch_size])`` with
+      known cardinality ``(epochs - start_epoch) * (N // batch_size)``.
+    """
+    num = len(arrays.labels)
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size={batch_size} must be at least 1")
+    steps = num // batch_size
+    if steps == 0:
+        raise ConfigError(
+            f"--batch_size={batch_size} is larger than the {num} training examples; "
+            f"lower --batch_size or use more --train_examples"
+        )
+    if not 0 <= start_epoch <= epochs:
+        raise ConfigError(
+            f"start epoch {start_epoch} is outside 0..{epochs}; check --epochs against the checkpoint"
+        )
+
+    images = tf.constant(arrays.images, tf.uint8)
+    labels = tf.constant(arrays.labels, tf.int32)
+    root = _root_seed(seed)
+
+    def epoch_batches(epoch):
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(num), seed=_stream_seed(root, _SHUFFLE_STREAM, epoch)
+        )
+        index = tf.reshape(perm[: steps * batch_size], [steps, batch_size])
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.fill([steps], epoch), tf.range(steps, dtype=tf.int64), index)
+        )
+
+    def make_batch(epoch, step, index):
+        x = tf.cast(tf.gather(images, index), tf.float32)
+        if augment:
+            x = augment_lib.pad_crop_flip(x, _stream_seed(root, _AUGMENT_STREAM, epoch, step))
+        x = augment_lib.standardize(x, mean, std)
+        return x, tf.gather(labels, index)
+
+    ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_batches)
+    ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # flat_map hides the length; it is known, and Keras wants it.
+    ds = ds.apply(tf.data.experimental.assert_cardinality((epochs - start_epoch) * steps))
+    return _options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def eval_dataset(arrays, *, batch_size, mean, std):
+    """All examples in order, standardized, no augmentation; the last batch may be short.
+
+    Returns:
+      ``tf.data.Dataset`` of ``(float32 [<=batch_size, H, W, 3], int32 [<=batch_size])``.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size={batch_size} must be at least 1")
+    images = tf.constant(arrays.images, tf.uint8)
+    labels = tf.constant(arrays.labels, tf.int32)
+
+    def make_batch(index):
+        x = tf.cast(tf.gather(images, index), tf.float32)
+        return augment_lib.standardize(x, mean, std), tf.gather(labels, index)
+
+    ds = tf.data.Dataset.range(len(arrays.labels)).batch(batch_size)
+    ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _options(ds.prefetch(tf.data.AUTOTUNE))

@@ -1,0 +1,153 @@
+"""Sweep grids: parsing the `--grid_*` flags, expanding points, sorting out invalid ones.
+
+TensorFlow-free, so a malformed grid fails in a fraction of a second. Syntax per axis:
+  a comma list          --grid_batch_size=2,8,32          --grid_log2_base_lr=-8,-7.5,-7
+  a range  START:END    --grid_batch_size=2:2048  (powers of two, both ends powers of two)
+                        --grid_log2_base_lr=-12:0 (step 1)   -12:0:0.5 (step 0.5)
+"""
+import dataclasses
+import itertools
+import math
+
+from sbt_keras.config import Config
+from sbt_keras.errors import ConfigError
+
+# Swept Config fields in keras-tuner's order (the last varies fastest), and how a range of
+# each is read. `seed` comes from --seeds=N.
+AXES = ("batch_size", "log2_base_lr", "bn_batch_size", "epochs", "seed")
+_POWER_OF_TWO_AXES = ("batch_size", "bn_batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One grid point: values of the swept fields."""
+    values: tuple  # ((field, value), ...) in AXES order, swept fields only
+
+    def as_dict(self):
+        return dict(self.values)
+
+    @property
+    def name(self):
+        """A directory name that says what the trial is: m8_lr-7_bn4_e82_s0."""
+        short = {"batch_size": "m", "log2_base_lr": "lr", "bn_batch_size": "bn",
+                 "epochs": "e", "seed": "s"}
+        return "_".join(f"{short[k]}{_fmt(v)}" for k, v in self.values)
+
+
+def parse_axis(flag, text):
+    """The values of one `--grid_<flag>` string; [] when empty."""
+    text = (text or "").strip()
+    if not text:
+        return []
+    kind = float if flag == "log2_base_lr" else int
+    if ":" in text:
+        return _parse_range(flag, text, kind)
+    items = text.split(",")
+    if any(not item.strip() for item in items):
+        raise ConfigError(f"--grid_{flag}={text} has an empty item; write a comma list "
+                          f"like 2,8,32")
+    values = [_number(flag, item.strip(), kind) for item in items]
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--grid_{flag}={text} repeats a value; list each once")
+    return values
+
+
+def _parse_range(flag, text, kind):
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
+        raise ConfigError(f"--grid_{flag}={text} is not a range START:END or START:END:STEP")
+    start, end = (_number(flag, p.strip(), kind) for p in parts[:2])
+    if start > end:
+        raise ConfigError(f"--grid_{flag}={text}: START must not exceed END")
+    if flag in _POWER_OF_TWO_AXES:
+        if len(parts) == 3:
+            raise ConfigError(f"--grid_{flag}={text}: a {flag} range steps by powers of two; "
+                              f"drop the STEP")
+        for v in (start, end):
+            if v < 1 or v & (v - 1):
+                raise ConfigError(f"--grid_{flag}={text}: {v} is not a power of two; a range "
+                                  f"of {flag} runs over powers of two, so both ends must be")
+        return [2 ** k for k in range(int(math.log2(start)), int(math.log2(end)) + 1)]
+    step = _number(flag, parts[2].strip(), kind) if len(parts) == 3 else kind(1)
+    if step <= 0:
+        raise ConfigError(f"--grid_{flag}={text}: STEP must be positive")
+    count = int(round((end - start) / step)) + 1
+    values = [kind(start + i * step) for i in range(count)]
+    if abs(values[-1] - end) > 1e-9:
+        raise ConfigError(f"--grid_{flag}={text}: STEP {step} does not reach END {end}")
+    return values
+
+
+def _number(flag, text, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"--grid_{flag}: {text!r} is not a{'n integer' if kind is int else ' number'}"
+                          ) from None
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"--grid_{flag}: {text!r} is not finite")
+    return value
+
+
+def _fmt(value):
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The swept axes and their values."""
+    axes: tuple  # ((field, (values...)), ...) in AXES order; only swept fields
+
+    @classmethod
+    def from_flags(cls, base: Config, grid_texts: dict, seeds: int):
+        """`grid_texts` maps a field in AXES (minus seed) to its --grid_ text."""
+        if seeds < 1:
+            raise ConfigError(f"--seeds={seeds} must be >= 1")
+        axes = []
+        for field in AXES:
+            if field == "seed":
+                values = list(range(base.seed, base.seed + seeds)) if seeds > 1 else []
+            else:
+                values = parse_axis(field, grid_texts.get(field))
+            if values:
+                axes.append((field, tuple(values)))
+        return cls(tuple(axes))
+
+    def __bool__(self):
+        return bool(self.axes)
+
+    def points(self):
+        names = [f for f, _ in self.axes]
+        for combo in itertools.product(*(v for _, v in self.axes)):
+            yield Point(tuple(zip(names, combo)))
+
+    def as_dict(self):
+        return {f: list(v) for f, v in self.axes}
+
+
+def point_config(base: Config, point: Point, output_dir: str) -> Config:
+    """The resolved Config of one trial; ConfigError if the point is impossible."""
+    values = point.as_dict()
+    if "log2_base_lr" in values:
+        values["base_lr"] = None
+    return dataclasses.replace(base, output_dir=output_dir, **values).resolve()
+
+
+def split_points(base: Config, grid: Grid, trial_dir):
+    """(valid, skipped): valid = [(point, config)], skipped = [(point, reason)].
+
+    `trial_dir(point)` gives a trial's output directory. Raises ConfigError if no point is
+    valid, naming the first reason.
+    """
+    valid, skipped = [], []
+    for point in grid.points():
+        try:
+            valid.append((point, point_config(base, point, trial_dir(point))))
+        except ConfigError as error:
+            skipped.append((point, str(error)))
+    if not valid:
+        raise ConfigError(f"the grid has no valid point; e.g. {skipped[0][0].name}: "
+                          f"{skipped[0][1]}")
+    return valid, skipped

@@ -1,0 +1,147 @@
+"""Batch normalization whose statistics come from small groups of examples.
+
+Masters & Luschi (2018) separate the SGD batch size from the batch normalization batch
+size: a batch of `m` examples is split into consecutive groups of `bn_batch_size`
+examples and each group is normalized with its own statistics (their Fig. 7-9).
+"""
+import keras
+import tensorflow as tf
+from keras import ops
+
+
+class SubBatchNormalization(keras.layers.Layer):
+    """Channels-last batch normalization over groups of `bn_batch_size` examples.
+
+    Training: the batch seen by this replica is reshaped to
+    [G, bn_batch_size, ...] and every group is normalized with its own mean and biased
+    variance, y = gamma * (x - mu_g) / sqrt(var_g + epsilon) + beta. `bn_batch_size=None`
+    makes the whole replica batch one group (ordinary batch normalization).
+
+    Moving statistics get one update per call from the mean over groups of mu_g and of
+    var_g (biased), the convention of TF2 Keras `BatchNormalization(virtual_batch_size=)`.
+    They are created with `aggregation="mean"`, so under `tf.distribute` every replica's
+    update is averaged into one value instead of leaving the replica copies to drift.
+
+    Inference uses the moving statistics. Statistics are always computed in float32; the
+    output has the layer's compute dtype (the dtype the inputs are cast to by Keras).
+    """
+
+    def __init__(
+        self, bn_batch_size=None, momentum=0.99, epsilon=1e-3, center=True, scale=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if bn_batch_size is not None and (
+            isinstance(bn_batch_size, bool)
+            or not isinstance(bn_batch_size, int)
+            or bn_batch_size < 1
+        ):
+            raise ValueError(
+                f"bn_batch_size must be a positive integer or None, got {bn_batch_size!r}"
+            )
+        self.bn_batch_size = bn_batch_size
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = center
+        self.scale = scale
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("SubBatchNormalization needs a known last (channel) dimension")
+        shape = (channels,)
+        # autocast=False keeps the parameters float32 under mixed precision, like Keras BN.
+        self.gamma = (
+            self.add_weight(shape=shape, name="gamma", initializer="ones", autocast=False)
+            if self.scale else None
+        )
+        self.beta = (
+            self.add_weight(shape=shape, name="beta", initializer="zeros", autocast=False)
+            if self.center else None
+        )
+        # aggregation="mean" maps to tf.VariableAggregation.MEAN: an assign made in a
+        # replica context is all-reduced (averaged) across replicas before it is applied.
+        self.moving_mean = self.add_weight(
+            shape=shape, name="moving_mean", initializer="zeros", trainable=False,
+            autocast=False, aggregation="mean",
+        )
+        self.moving_variance = self.add_weight(
+            shape=shape, name="moving_variance", initializer="ones", trainable=False,
+            autocast=False, aggregation="mean",
+        )
+
+    def call(self, inputs, training=None):
+        x = ops.cast(inputs, "float32")
+        if training:
+            outputs = self._normalize_groups(x)
+        else:
+            outputs = self._affine(
+                x, ops.cast(self.moving_mean, "float32"),
+                ops.cast(self.moving_variance, "float32"),
+            )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _normalize_groups(self, x):
+        """Normalizes each group with its own statistics and updates the moving ones."""
+        grouped = self._split_into_groups(x)
+        # Reduce over everything except the group axis and the channel axis.
+        axes = list(range(1, len(grouped.shape) - 1))
+        mean, variance = ops.moments(grouped, axes=axes, keepdims=True)
+        channels = x.shape[-1]
+        self._update_moving_statistics(
+            ops.reshape(ops.mean(mean, axis=0), (channels,)),
+            ops.reshape(ops.mean(variance, axis=0), (channels,)),
+        )
+        return ops.reshape(self._affine(grouped, mean, variance), ops.shape(x))
+
+    def _split_into_groups(self, x):
+        """Reshapes [N, ...] to [N // bn_batch_size, bn_batch_size, ...]."""
+        group = self.bn_batch_size
+        if group is None:
+            return ops.expand_dims(x, 0)
+        batch = x.shape[0]
+        if batch is not None and batch % group != 0:
+            raise ValueError(
+                f"{self.name}: batch of {batch} examples per replica is not divisible "
+                f"by bn_batch_size={group}"
+            )
+        if batch is None:
+            check = tf.debugging.assert_equal(
+                tf.math.floormod(tf.shape(x)[0], group), 0,
+                message=f"{self.name}: batch per replica is not divisible by "
+                        f"bn_batch_size={group}",
+            )
+            # In a graph the check must run before the reshape, which would fail first
+            # with a less helpful message.
+            with tf.control_dependencies([check] if check is not None else []):
+                x = tf.identity(x)
+        return ops.reshape(x, (-1, group) + tuple(ops.shape(x)[1:]))
+
+    def _update_moving_statistics(self, mean, variance):
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))
+
+    def _affine(self, x, mean, variance):
+        """gamma * (x - mean) / sqrt(variance + epsilon) + beta, broadcasting per channel."""
+        inv = ops.rsqrt(variance + self.epsilon)
+        if self.gamma is not None:
+            inv = inv * ops.cast(self.gamma, "float32")
+        y = (x - mean) * inv
+        if self.beta is not None:
+            y = y + ops.cast(self.beta, "float32")
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            bn_batch_size=self.bn_batch_size,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            center=self.center,
+            scale=self.scale,
+        )
+        return config

@@ -1,0 +1,72 @@
+"""CIFAR ResNets of He et al. (2015a) §4.2: depth 6n+2, 16/32/64 filters, option-A shortcuts."""
+import functools
+
+import keras
+from keras import ops
+
+from sbt_keras.layers import norm_layer
+
+STAGE_FILTERS = (16, 32, 64)
+
+
+def _conv3x3(filters, strides, use_bias, name):
+    return keras.layers.Conv2D(
+        filters, 3, strides=strides, padding="same", use_bias=use_bias,
+        kernel_initializer="he_normal", name=name,
+    )
+
+
+def _shortcut_a(x, filters):
+    """Parameter-free shortcut: take every other pixel, zero-pad the new channels."""
+    x = x[:, ::2, ::2, :]
+    extra = filters - x.shape[-1]
+    return ops.pad(x, [[0, 0], [0, 0], [0, 0], [extra // 2, extra - extra // 2]])
+
+
+def build_resnet(
+    depth, *, input_shape=(32, 32, 3), num_classes=10, norm="batch", norm_dense=True,
+    bn_batch_size=None, bn_momentum=0.99, bn_epsilon=1e-3,
+):
+    """Builds a CIFAR ResNet of `depth` = 6n+2 layers as a functional model that outputs logits.
+
+    `norm_dense` is accepted for a common builder signature and ignored: the only dense
+    layer is the classifier.
+    """
+    del norm_dense
+    if depth < 8 or (depth - 2) % 6 != 0:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+    blocks_per_stage = (depth - 2) // 6
+    use_bias = norm == "none"
+
+    def conv_norm(x, filters, strides, name, relu):
+        x = _conv3x3(filters, strides, use_bias, name)(x)
+        layer = norm_layer(
+            norm, bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
+            channels=filters, layer_name=f"{name}_norm",
+        )
+        if layer is not None:
+            x = layer(x)
+        return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = conv_norm(inputs, STAGE_FILTERS[0], 1, "stem", relu=True)
+    for stage, filters in enumerate(STAGE_FILTERS, start=1):
+        for block in range(1, blocks_per_stage + 1):
+            name = f"stage{stage}_block{block}"
+            strides = 2 if stage > 1 and block == 1 else 1
+            y = conv_norm(x, filters, strides, f"{name}_conv1", relu=True)
+            y = conv_norm(y, filters, 1, f"{name}_conv2", relu=False)
+            shortcut = _shortcut_a(x, filters) if strides == 2 else x
+            x = keras.layers.Add(name=f"{name}_add")([y, shortcut])
+            x = keras.layers.ReLU(name=f"{name}_relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    # float32 logits keep the softmax cross-entropy stable under a mixed-precision policy.
+    logits = keras.layers.Dense(
+        num_classes, kernel_initializer="he_normal", dtype="float32", name="logits"
+    )(x)
+    return keras.Model(inputs, logits, name=f"resnet{depth}")
+
+
+resnet8 = functools.partial(build_resnet, 8)
+resnet20 = functools.partial(build_resnet, 20)
+resnet32 = functools.partial(build_resnet, 32)

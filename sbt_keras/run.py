@@ -1,0 +1,58 @@
+"""Command line: one training run, or a grid of runs, from flags or a flagfile.
+
+    python -m sbt_keras.run --flagfile=experiments/cifar10_resnet32_bn.flags \
+        --batch_size=8 --log2_base_lr=-7 --output_dir=runs/demo
+    python -m sbt_keras.run --flagfile=experiments/cifar10_resnet32_bn.flags \
+        --grid_batch_size=2:2048 --grid_log2_base_lr=-12:0 --output_dir=runs/fig8
+
+Only this module reads FLAGS. Bad input exits with status 2 and one line on stderr saying what
+to change, before TensorFlow is imported or any model is built.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+
+from sbt_keras import flags as run_flags
+from sbt_keras import grid as grid_lib
+from sbt_keras.errors import ConfigError
+
+run_flags.define_flags()
+run_flags.define_sweep_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+    try:
+        base = run_flags.config_from_flags(FLAGS)
+        grid = grid_lib.Grid.from_flags(base, run_flags.grid_texts_from_flags(FLAGS),
+                                        FLAGS.seeds)
+        if grid:  # validate every point before anything heavy is imported
+            grid_lib.split_points(base, grid, lambda point: base.output_dir)
+        else:
+            base = base.resolve()
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+        if grid:
+            from sbt_keras.sweep import run_sweep
+            run_sweep(base, grid)
+        else:
+            from sbt_keras.train import train
+            train(base)
+    except ConfigError as error:
+        _fail(str(error))
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def entry():
+    logging.set_verbosity(logging.INFO)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry()

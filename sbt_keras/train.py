@@ -1,0 +1,218 @@
+"""One training run, top to bottom: records -> strategy -> data -> model -> fit -> results.
+
+`train(cfg)` takes a resolved `Config` and leaves in `cfg.output_dir`:
+  config.yaml   every resolved setting, derived sizes and library versions
+  history.csv   one row per epoch
+  result.yaml   status, median-of-final-N test accuracy, throughput
+  tb/           TensorBoard scalars (train/, test/) and HParams
+  checkpoints/  model + optimizer after each epoch; a re-run of the same command resumes
+"""
+import dataclasses
+import os
+import platform
+import time
+
+from absl import logging
+
+from sbt_keras import results
+from sbt_keras.config import Config
+from sbt_keras.errors import ConfigError
+
+CHECKPOINT_DIR = "checkpoints"
+# Settings that change how a run executes but not what it computes: an output_dir may be
+# resumed with different values of these.
+EXECUTION_FIELDS = frozenset({
+    "output_dir", "steps_per_execution", "jit_compile", "eval_batch_size", "histogram_freq",
+    "download", "data_dir", "cifar_dir", "strategy", "deterministic"})
+
+
+def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
+    """Runs (or resumes, or returns the finished result of) the run `cfg` describes.
+
+    `strategy` overrides `cfg.strategy` (tests pass logical-device strategies);
+    `extra_callbacks` run after the built-in ones (tests use them to inject faults).
+    """
+    import keras
+    import tensorflow as tf
+
+    from sbt_keras import data, distribute, models
+    from sbt_keras.data import augment, pipeline
+    from sbt_keras.training import callbacks, schedules
+    from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer
+
+    # ------------------------------------------------------------------ Records
+    out = cfg.output_dir
+    finished = check_output_dir(cfg)
+    if finished is not None:
+        logging.info("%s already holds this run's result (%s); nothing to do.", out,
+                     finished["status"])
+        return finished
+
+    # ------------------------------------------------------------------ Strategy
+    strategy = strategy or distribute.make_strategy(cfg.strategy)
+    replicas = strategy.num_replicas_in_sync
+    cfg.check_replicas(replicas)
+    info = cfg.data_info()
+    steps_per_epoch = info.num_train // cfg.batch_size
+    schedule = schedules.from_config(cfg, steps_per_epoch)
+    derived = {
+        "replicas": replicas,
+        "per_replica_batch_size": cfg.batch_size // replicas,
+        "learning_rate": cfg.batch_size * cfg.base_lr,  # eta = m * eta_tilde
+        "num_train": info.num_train, "num_test": info.num_test,
+        "num_classes": info.num_classes, "image_shape": list(info.image_shape),
+        "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * cfg.epochs,
+        "lr_decay_steps": list(schedule.boundaries), "warmup_steps": schedule.warmup_steps,
+    }
+    write_config(cfg, derived)
+    results.write_yaml(os.path.join(out, results.RESULT_FILE), {"status": "running"})
+
+    try:
+        # -------------------------------------------------------------- Determinism
+        keras.utils.set_random_seed(cfg.seed)
+        if cfg.deterministic:
+            tf.config.experimental.enable_op_determinism()
+
+        # -------------------------------------------------------------- Input pipeline
+        splits = data.load(
+            cfg.dataset, cifar_dir=cfg.cifar_dir, data_dir=cfg.data_dir,
+            download=cfg.download, train_examples=cfg.train_examples,
+            test_examples=cfg.test_examples, image_size=cfg.image_size,
+            num_classes=cfg.num_classes, synthetic_train=cfg.synthetic_train,
+            synthetic_test=cfg.synthetic_test, seed=cfg.seed)
+        mean, std = augment.channel_stats(splits.train.images)
+
+        # -------------------------------------------------------------- Model & optimizer
+        with strategy.scope():
+            network = models.build(
+                cfg.model, input_shape=info.image_shape, num_classes=info.num_classes,
+                norm=cfg.norm, norm_dense=cfg.norm_dense,
+                bn_batch_size=cfg.bn_batch_size if cfg.norm == "batch" else None,
+                bn_momentum=cfg.bn_momentum, bn_epsilon=cfg.bn_epsilon)
+            model = SummedGradientModel(
+                network, weight_decay=cfg.weight_decay,
+                decayed_variables=models.decayed_variables(network, cfg.weight_decay_on))
+            model.compile(optimizer=build_optimizer(schedule),
+                          steps_per_execution=cfg.steps_per_execution,
+                          jit_compile=cfg.jit_compile)
+
+        # -------------------------------------------------------------- Resume
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        manager = tf.train.CheckpointManager(checkpoint, os.path.join(out, CHECKPOINT_DIR),
+                                             max_to_keep=2)
+        initial_epoch, history = 0, []
+        if manager.latest_checkpoint:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            initial_epoch = int(model.optimizer.iterations.numpy()) // steps_per_epoch
+            # Rows written after the last checkpoint are redone.
+            history = read_history(out)[:initial_epoch]
+            logging.info("Resuming %s from epoch %d.", out, initial_epoch)
+
+        # -------------------------------------------------------------- Train
+        train_ds = pipeline.train_dataset(
+            splits.train, batch_size=cfg.batch_size, seed=cfg.seed, epochs=cfg.epochs,
+            start_epoch=initial_epoch, augment=cfg.augment, mean=mean, std=std)
+        test_ds = pipeline.eval_dataset(splits.test, batch_size=cfg.eval_batch_size,
+                                        mean=mean, std=std)
+        divergence = callbacks.DivergenceStop(steps_per_epoch)
+        recorder = callbacks.EpochRecorder(
+            out, steps_per_epoch=steps_per_epoch, batch_size=cfg.batch_size,
+            schedule=schedule, history=history, hparams=hparams_of(cfg),
+            histogram_freq=cfg.histogram_freq, network=network)
+        started = time.monotonic()
+        if initial_epoch < cfg.epochs:
+            model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch,
+                      steps_per_epoch=steps_per_epoch, validation_data=test_ds, verbose=0,
+                      callbacks=[divergence, recorder, callbacks.EpochLog(cfg.epochs),
+                                 callbacks.EpochCheckpoint(manager, divergence),
+                                 *extra_callbacks])
+        session_seconds = time.monotonic() - started
+        session_steps = int(model.optimizer.iterations.numpy()) - initial_epoch * steps_per_epoch
+
+        # -------------------------------------------------------------- Results
+        result = summarize(recorder.rows, cfg, info.num_classes, divergence.diverged_at_step)
+        result["examples_per_second"] = (session_steps * cfg.batch_size / session_seconds
+                                         if session_seconds > 0 else 0.0)
+        recorder.write_final("median_test_accuracy", result["test_accuracy"],
+                             result["epochs_completed"])
+    except BaseException as error:  # record the failure, then let it propagate
+        results.write_yaml(os.path.join(out, results.RESULT_FILE),
+                           {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+        raise
+    results.write_yaml(os.path.join(out, results.RESULT_FILE), result)
+    logging.info("%s: %s, test accuracy (median of final %d) %.4f", out, result["status"],
+                 cfg.median_of, result["test_accuracy"])
+    return result
+
+
+def summarize(rows, cfg, num_classes, diverged_at_step=None):
+    """result.yaml's content from the history rows."""
+    accuracies = [r["test_accuracy"] for r in rows]
+    last = rows[-1] if rows else {}
+    diverged = diverged_at_step is not None or not results.is_finite(last.get("train_loss"))
+    result = {
+        "status": "diverged" if diverged else "completed",
+        # A diverged run is reported at chance level, as in the paper's figures.
+        "test_accuracy": (1.0 / num_classes if diverged
+                          else results.median_of_final(accuracies, cfg.median_of)),
+        "median_of": cfg.median_of,
+        "best_test_accuracy": max(accuracies) if accuracies else None,
+        "final_test_accuracy": last.get("test_accuracy"),
+        "final_train_loss": last.get("train_loss"),
+        "epochs_completed": len(rows),
+        "steps": last.get("step", 0),
+        "wall_seconds": last.get("wall_seconds", 0.0),
+        "batch_size": cfg.batch_size,
+        "base_lr": cfg.base_lr,
+        "log2_base_lr": cfg.log2_base_lr,
+    }
+    if diverged:
+        result["diverged_at_step"] = diverged_at_step or last.get("step")
+    return result
+
+
+def check_output_dir(cfg):
+    """None for a new or resumable run; the stored result if this run already finished.
+
+    Raises ConfigError if the directory holds a different run.
+    """
+    path = os.path.join(cfg.output_dir, results.CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    stored = results.read_yaml(path) or {}
+    mine = cfg.to_dict()
+    different = sorted(k for k in mine if k not in EXECUTION_FIELDS
+                       and stored.get(k) != mine[k])
+    if different:
+        shown = ", ".join(f"{k}: {stored.get(k)!r} -> {mine[k]!r}" for k in different[:3])
+        raise ConfigError(f"--output_dir={cfg.output_dir} holds a different run ({shown}); "
+                          f"choose a new --output_dir or delete the old one")
+    result_path = os.path.join(cfg.output_dir, results.RESULT_FILE)
+    if os.path.exists(result_path):
+        result = results.read_yaml(result_path) or {}
+        if result.get("status") in ("completed", "diverged"):
+            return result
+    return None
+
+
+def write_config(cfg, derived):
+    import keras
+    import tensorflow as tf
+    record = cfg.to_dict()
+    record["derived"] = derived
+    record["versions"] = {"python": platform.python_version(), "tensorflow": tf.__version__,
+                          "keras": keras.__version__}
+    results.write_yaml(os.path.join(cfg.output_dir, results.CONFIG_FILE), record)
+
+
+def read_history(output_dir):
+    path = os.path.join(output_dir, results.HISTORY_FILE)
+    return results.read_csv(path) if os.path.exists(path) else []
+
+
+def hparams_of(cfg):
+    """The settings shown in TensorBoard's HParams dashboard."""
+    keys = ("model", "norm", "dataset", "augment", "batch_size", "log2_base_lr", "base_lr",
+            "bn_batch_size", "epochs", "warmup", "weight_decay", "seed")
+    values = dataclasses.asdict(cfg)
+    return {k: values[k] for k in keys}

@@ -1,0 +1,82 @@
+"""Summed-gradient SGD (Masters & Luschi 2018, eq. 5) as a Keras model's `train_step`.
+
+One step on a global batch B of m examples, base learning rate eta_tilde(k), L2 coefficient
+lambda on the decayed variables w:
+
+    theta <- theta - eta_tilde(k) * ( sum_{i in B} grad L_i(theta)  +  m * lambda * w )
+
+which is plain SGD with eta = m * eta_tilde on  mean_i L_i + (lambda/2)|w|^2 . No momentum.
+
+How the sum stays exact under a tf.distribute strategy with R replicas: each replica
+differentiates the SUM (not the mean) of its m/R per-example losses and adds
+(m/R) * lambda * w to the gradient of each decayed variable; Keras's TF optimizer then
+all-reduces the replicas' gradients with ReduceOp.SUM, giving exactly the global expression
+above. Nothing is divided by R anywhere.
+"""
+import keras
+import tensorflow as tf
+from keras import ops
+
+
+class SummedGradientModel(keras.Model):
+    """Wraps a network (any Keras model producing logits) with the paper's update rule.
+
+    Args:
+      network: the Keras model; `training=True` in the train step so sub-batch BN uses
+        batch statistics.
+      weight_decay: lambda.
+      decayed_variables: the variables w that receive weight decay.
+    """
+
+    def __init__(self, network, weight_decay=0.0, decayed_variables=(), **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.weight_decay = float(weight_decay)
+        self._decayed_ids = {id(v) for v in decayed_variables}
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    @property
+    def metrics(self):
+        # Listed here so Keras resets them at the start of every epoch and evaluation.
+        return [self.loss_tracker, self.accuracy_tracker]
+
+    def _per_example_loss(self, labels, logits):
+        # Cross-entropy in float32 whatever the compute dtype.
+        return keras.losses.sparse_categorical_crossentropy(
+            labels, ops.cast(logits, "float32"), from_logits=True)
+
+    def train_step(self, data):
+        images, labels = data
+        with tf.GradientTape() as tape:
+            logits = self.network(images, training=True)
+            per_example = self._per_example_loss(labels, logits)
+            loss_sum = ops.sum(per_example)  # Sigma_i L_i over this replica's examples
+        variables = self.trainable_variables
+        grads = tape.gradient(loss_sum, variables)
+        if self.weight_decay:
+            # This replica's share of m * lambda * w: (m / R) * lambda * w.
+            local_batch = ops.cast(ops.shape(images)[0], "float32")
+            grads = [g + (local_batch * self.weight_decay) * ops.cast(v.value, g.dtype)
+                     if id(v) in self._decayed_ids else g
+                     for g, v in zip(grads, variables)]
+        # Keras's TF optimizer sums gradients across replicas (ReduceOp.SUM) before applying.
+        self.optimizer.apply(grads, variables)
+        self.loss_tracker.update_state(per_example)
+        self.accuracy_tracker.update_state(labels, logits)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        images, labels = data
+        logits = self.network(images, training=False)
+        self.loss_tracker.update_state(self._per_example_loss(labels, logits))
+        self.accuracy_tracker.update_state(labels, logits)
+        return {m.name: m.result() for m in self.metrics}
+
+
+def build_optimizer(schedule):
+    """Plain SGD on the summed gradient: the learning rate is the base rate eta_tilde(k)."""
+    return keras.optimizers.SGD(learning_rate=schedule, momentum=0.0, nesterov=False)

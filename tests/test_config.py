@@ -1,0 +1,150 @@
+"""Flags -> Config, and every rejected input from the core issue, each with its message."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from sbt_keras import config as config_lib
+from sbt_keras import flags as run_flags
+from sbt_keras import layers, models
+from sbt_keras.config import Config
+from sbt_keras.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SYNTH = ["--dataset=synthetic", "--model=resnet8"]
+
+
+def parse(argv):
+    fv = flags.FlagValues()
+    run_flags.define_flags(fv)
+    fv(["prog"] + argv)
+    return run_flags.config_from_flags(fv)
+
+
+def test_flags_map_onto_config_and_resolve():
+    cfg = parse(SYNTH + ["--batch_size=8", "--log2_base_lr=-7", "--epochs=10"]).resolve()
+    assert cfg.base_lr == 2.0 ** -7 and cfg.log2_base_lr == -7
+    assert cfg.bn_batch_size == 8  # default: the whole batch
+    assert cfg.weight_decay == 1e-4  # ResNet default
+    assert parse(["--model=alexnet_reduced", "--dataset=synthetic", "--base_lr=0.01"]
+                 ).resolve().weight_decay == 5e-4
+    assert parse(SYNTH + ["--base_lr=0.0078125"]).resolve().log2_base_lr == -7
+
+
+def test_config_round_trips_through_dict():
+    cfg = parse(SYNTH + ["--base_lr=0.5", "--lr_decay_epochs=3,6"]).resolve()
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_name_lists_match_the_registries():
+    assert set(config_lib.MODEL_NAMES) == set(models.MODELS)
+    assert set(config_lib.NORM_NAMES) == set(layers.NORMS)
+    assert set(config_lib.DEFAULT_WEIGHT_DECAY) == set(models.MODELS)
+    assert config_lib.DEFAULT_WEIGHT_DECAY == models.DEFAULT_WEIGHT_DECAY
+
+
+BAD = [
+    # (argv, words the one-line message must contain)
+    (["--batch_size=12", "--bn_batch_size=8", "--base_lr=0.1"], ["--bn_batch_size=8"]),
+    (["--base_lr=0"], ["--base_lr"]),
+    (["--base_lr=-0.5"], ["--base_lr"]),
+    (["--base_lr=0.1", "--log2_base_lr=-3"], ["--base_lr", "--log2_base_lr"]),
+    ([], ["--base_lr", "--log2_base_lr"]),
+    (["--base_lr=0.1", "--epochs=3"], ["--epochs=3", "--median_of"]),
+    (["--base_lr=0.1", "--batch_size=0"], ["--batch_size"]),
+    (["--base_lr=0.1", "--batch_size=4096"], ["--batch_size=4096"]),
+    (["--base_lr=0.1", "--norm=none", "--bn_batch_size=2"], ["--bn_batch_size"]),
+    (["--base_lr=0.1", "--lr_decay_fractions=0.75,0.5"], ["--lr_decay_fractions"]),
+    (["--base_lr=0.1", "--lr_decay_fractions=0.5,x"], ["--lr_decay_fractions"]),
+    (["--base_lr=0.1", "--lr_decay_epochs=90", "--epochs=82"], ["--lr_decay_epochs"]),
+    (["--base_lr=0.1", "--warmup", "--warmup_fraction=1.5"], ["--warmup_fraction"]),
+    (["--base_lr=0.1", "--bn_momentum=1"], ["--bn_momentum"]),
+    (["--base_lr=0.1", "--output_dir="], ["--output_dir"]),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD)
+def test_bad_flag_combinations_are_rejected(argv, words):
+    with pytest.raises(ConfigError) as info:
+        parse(SYNTH + argv).resolve()
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("field,value", [("model", "vgg"), ("norm", "weird"),
+                                         ("dataset", "mnist"), ("strategy", "tpu9")])
+def test_unknown_names_list_the_valid_ones(field, value):
+    cfg = Config(**{"dataset": "synthetic", "base_lr": 0.1, field: value})
+    with pytest.raises(ConfigError, match=f"--{field}={value}.*choose one of"):
+        cfg.resolve()
+
+
+def test_replica_divisibility():
+    cfg = Config(dataset="synthetic", base_lr=0.1, batch_size=8, bn_batch_size=4).resolve()
+    cfg.check_replicas(2)  # per-replica 4, divisible by 4
+    with pytest.raises(ConfigError, match="not divisible by the 3 replicas"):
+        cfg.check_replicas(3)
+    with pytest.raises(ConfigError, match="--bn_batch_size=4 does not divide the per-replica"):
+        cfg.check_replicas(4)
+
+
+def test_cifar_dir_problems_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="--cifar_dir"):
+        Config(base_lr=0.1, cifar_dir=str(tmp_path / "nowhere")).resolve()
+    with pytest.raises(ConfigError, match="--cifar_dir"):
+        Config(base_lr=0.1, cifar_dir=str(tmp_path)).resolve()  # empty: files missing
+    with pytest.raises(ConfigError, match="--cifar_dir"):
+        Config(base_lr=0.1, dataset="synthetic", cifar_dir=str(tmp_path)).resolve()
+
+
+def test_cifar_dir_truncated_record(tmp_path, cifar10_dir):
+    src = pathlib.Path(cifar10_dir) / "cifar-10-batches-bin"
+    dst = tmp_path / "cifar-10-batches-bin"
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    blob = (dst / "data_batch_3.bin").read_bytes()
+    (dst / "data_batch_3.bin").write_bytes(blob[:-100])
+    with pytest.raises(ConfigError, match="data_batch_3.bin"):
+        Config(base_lr=0.1, cifar_dir=str(tmp_path)).resolve()
+
+
+def _cli(args, env_extra=None, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "sbt_keras.run"] + args, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_cli_bad_input_exits_2_with_one_line_before_tensorflow_loads(tmp_path):
+    # A `tensorflow` package that explodes on import proves validation never needs it.
+    poison = tmp_path / "poison" / "tensorflow"
+    poison.mkdir(parents=True)
+    (poison / "__init__.py").write_text("raise ImportError('tensorflow was imported')\n")
+    env = {"PYTHONPATH": f"{tmp_path / 'poison'}{os.pathsep}{REPO}"}
+    proc = _cli(SYNTH + ["--batch_size=12", "--bn_batch_size=8", "--base_lr=0.1",
+                         f"--output_dir={tmp_path / 'out'}"], env_extra=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --batch_size=12"), proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_cli_unknown_model_exits_nonzero():
+    proc = _cli(["--model=vgg", "--base_lr=0.1"])
+    assert proc.returncode != 0
+    assert "--model" in proc.stderr or "model" in proc.stderr
+
+
+def test_every_experiment_flagfile_parses_and_resolves(tmp_path):
+    files = sorted((REPO / "experiments").glob("*.flags"))
+    assert len(files) >= 10
+    for path in files:
+        # Flagfiles carry no learning rate when the figure sweeps it.
+        cfg = parse([f"--flagfile={path}", "--log2_base_lr=-7", "--dataset=synthetic",
+                     "--synthetic_train=4096"])
+        cfg.resolve()
