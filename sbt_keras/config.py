@@ -60,6 +60,8 @@ class Config:
     warmup_start_factor: float = 1.0 / 32
     # Evaluation and records.
     median_of: int = 5
+    divergence_factor: float = 0.0  # > 0: also diverged when loss > factor * initial loss
+    checkpoint_every_steps: int = 0  # 0: checkpoint at epoch ends only
     eval_batch_size: int = 500
     histogram_freq: int = 0
     output_dir: str = "runs/default"
@@ -135,6 +137,12 @@ class Config:
         if c.warmup and not 0 < c.warmup_start_factor <= 1:
             raise ConfigError(f"--warmup_start_factor={c.warmup_start_factor} must be in "
                               f"(0, 1]")
+        if c.divergence_factor < 0 or (0 < c.divergence_factor <= 1):
+            raise ConfigError(f"--divergence_factor={c.divergence_factor} must be 0 (off) or "
+                              f"> 1")
+        if c.checkpoint_every_steps < 0:
+            raise ConfigError(f"--checkpoint_every_steps={c.checkpoint_every_steps} must be "
+                              f">= 0")
         if c.histogram_freq < 0:
             raise ConfigError(f"--histogram_freq={c.histogram_freq} must be >= 0")
         if not c.output_dir:

@@ -93,6 +93,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("median_of", _D.median_of,
                          "Report the median test accuracy of this many final epochs.",
                          flag_values=fv)
+    flags.DEFINE_float("divergence_factor", _D.divergence_factor,
+                       "Also stop as diverged when the running train loss exceeds this "
+                       "multiple of its first value (0 = only NaN/Inf).", flag_values=fv)
+    flags.DEFINE_integer("checkpoint_every_steps", _D.checkpoint_every_steps,
+                         "Also checkpoint every N steps (0 = at epoch ends only); for long "
+                         "epochs on preemptible machines.", flag_values=fv)
     flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Test-set batch size.",
                          flag_values=fv)
     flags.DEFINE_integer("histogram_freq", _D.histogram_freq,
@@ -125,6 +131,10 @@ def define_sweep_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                            ("epochs", "41,82,164")):
         flags.DEFINE_string(f"grid_{field}", "",
                             f"Sweep --{field} over these values: {example}.", flag_values=fv)
+    flags.DEFINE_string("grid_best_lr_from", "",
+                        "A finished sweep's output_dir: each point uses the log2 base learning "
+                        "rate that was best for its batch size there (paper Fig. 13-14).",
+                        flag_values=fv)
     flags.DEFINE_integer("seeds", 1, "Repeat every grid point with seeds --seed, --seed+1, "
                          "...; more than 1 makes the seed a grid axis.", flag_values=fv)
 

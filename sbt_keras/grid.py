@@ -8,7 +8,9 @@ TensorFlow-free, so a malformed grid fails in a fraction of a second. Syntax per
 import dataclasses
 import itertools
 import math
+import os
 
+from sbt_keras import results
 from sbt_keras.config import Config
 from sbt_keras.errors import ConfigError
 
@@ -97,12 +99,34 @@ def _fmt(value):
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """The swept axes and their values."""
+    """The swept axes and their values.
+
+    `best_lr` (from --grid_best_lr_from) maps each batch size to the log2 base learning rate
+    that was best for it in an earlier sweep; each point then uses its m's rate, as the
+    paper's Fig. 13-14 do.
+    """
     axes: tuple  # ((field, (values...)), ...) in AXES order; only swept fields
+    best_lr: tuple = ()  # ((batch_size, log2_base_lr), ...)
 
     @classmethod
-    def from_flags(cls, base: Config, grid_texts: dict, seeds: int):
+    def from_flags(cls, base: Config, grid_texts: dict, seeds: int, best_lr_from=""):
         """`grid_texts` maps a field in AXES (minus seed) to its --grid_ text."""
+        grid = cls._from_texts(base, grid_texts, seeds)
+        if not best_lr_from:
+            return grid
+        if "log2_base_lr" in dict(grid.axes):
+            raise ConfigError("--grid_best_lr_from picks eta_tilde per batch size; drop "
+                              "--grid_log2_base_lr")
+        batch_sizes = dict(grid.axes).get("batch_size", (base.batch_size,))
+        best = best_lr_by_batch(best_lr_from)
+        missing = [m for m in batch_sizes if m not in best]
+        if missing:
+            raise ConfigError(f"--grid_best_lr_from={best_lr_from} has no completed trial with "
+                              f"batch_size {missing[0]}; sweep it there first or drop it")
+        return cls(grid.axes, tuple((m, best[m]) for m in batch_sizes))
+
+    @classmethod
+    def _from_texts(cls, base, grid_texts, seeds):
         if seeds < 1:
             raise ConfigError(f"--seeds={seeds} must be >= 1")
         axes = []
@@ -120,11 +144,34 @@ class Grid:
 
     def points(self):
         names = [f for f, _ in self.axes]
+        best = dict(self.best_lr)
         for combo in itertools.product(*(v for _, v in self.axes)):
-            yield Point(tuple(zip(names, combo)))
+            values = dict(zip(names, combo))
+            if best:
+                values["log2_base_lr"] = best[values.get("batch_size", self.best_lr[0][0])]
+            yield Point(tuple((k, values[k]) for k in AXES if k in values))
 
     def as_dict(self):
-        return {f: list(v) for f, v in self.axes}
+        out = {f: list(v) for f, v in self.axes}
+        if self.best_lr:
+            out["best_log2_base_lr"] = {m: lr for m, lr in self.best_lr}
+        return out
+
+
+def best_lr_by_batch(results_dir):
+    """{batch_size: log2 eta_tilde with the best median-of-final test accuracy}."""
+    path = os.path.join(results_dir, "results.csv")
+    if not os.path.exists(path):
+        raise ConfigError(f"--grid_best_lr_from={results_dir} has no results.csv; point it at "
+                          f"a finished sweep's --output_dir")
+    best = {}
+    for row in results.read_csv(path):
+        if row.get("status") != "completed":
+            continue
+        m, lr, acc = int(row["batch_size"]), float(row["log2_base_lr"]), row["test_accuracy"]
+        if m not in best or acc > best[m][1]:
+            best[m] = (lr, acc)
+    return {m: lr for m, (lr, _) in best.items()}
 
 
 def point_config(base: Config, point: Point, output_dir: str) -> Config:

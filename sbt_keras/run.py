@@ -8,6 +8,7 @@
 Only this module reads FLAGS. Bad input exits with status 2 and one line on stderr saying what
 to change, before TensorFlow is imported or any model is built.
 """
+import logging as pylogging
 import os
 import sys
 
@@ -22,13 +23,21 @@ run_flags.define_sweep_flags()
 FLAGS = flags.FLAGS
 
 
+class _QuietCheckpoints(pylogging.Filter):
+    """TF's checkpoint saver logs a timing line per save through absl; drop just that."""
+
+    def filter(self, record):
+        return "Sharding callback duration" not in record.getMessage()
+
+
 def main(argv):
+    logging.get_absl_handler().addFilter(_QuietCheckpoints())
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
     try:
         base = run_flags.config_from_flags(FLAGS)
         grid = grid_lib.Grid.from_flags(base, run_flags.grid_texts_from_flags(FLAGS),
-                                        FLAGS.seeds)
+                                        FLAGS.seeds, FLAGS.grid_best_lr_from)
         if grid:  # validate every point before anything heavy is imported
             grid_lib.split_points(base, grid, lambda point: base.output_dir)
         else:
@@ -42,11 +51,16 @@ def main(argv):
             train(base)
     except ConfigError as error:
         _fail(str(error))
+    except BaseException as error:
+        if type(error).__name__ != "Preempted":
+            raise
+        # 128 + SIGTERM: schedulers read it as "terminated"; the checkpoint is on disk.
+        _fail(f"{error}; checkpoint saved, re-run the same command to resume", code=143)
 
 
-def _fail(message):
+def _fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def entry():

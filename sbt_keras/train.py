@@ -23,7 +23,10 @@ CHECKPOINT_DIR = "checkpoints"
 # resumed with different values of these.
 EXECUTION_FIELDS = frozenset({
     "output_dir", "steps_per_execution", "jit_compile", "eval_batch_size", "histogram_freq",
-    "download", "data_dir", "cifar_dir", "strategy", "deterministic"})
+    "download", "data_dir", "cifar_dir", "strategy", "deterministic",
+    "checkpoint_every_steps"})
+# result.yaml status of a run that stopped before its end, by what stopped it.
+STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
 
 
 def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
@@ -97,37 +100,51 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                           jit_compile=cfg.jit_compile)
 
         # -------------------------------------------------------------- Resume
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        metric_variables = [v for m in model.metrics for v in m.variables]
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                                         metrics=metric_variables)
         manager = tf.train.CheckpointManager(checkpoint, os.path.join(out, CHECKPOINT_DIR),
-                                             max_to_keep=2)
-        initial_epoch, history = 0, []
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            initial_epoch = int(model.optimizer.iterations.numpy()) // steps_per_epoch
-            # Rows written after the last checkpoint are redone.
-            history = read_history(out)[:initial_epoch]
-            logging.info("Resuming %s from epoch %d.", out, initial_epoch)
+                                             max_to_keep=3)
+        start_step = restore_latest(manager, checkpoint, model)
+        initial_epoch, skip = divmod(start_step, steps_per_epoch)
+        history = read_history(out)[:initial_epoch]  # rows after the checkpoint are redone
+        if start_step:
+            logging.info("Resuming %s at epoch %d, step %d.", out, initial_epoch, start_step)
 
         # -------------------------------------------------------------- Train
-        train_ds = pipeline.train_dataset(
-            splits.train, batch_size=cfg.batch_size, seed=cfg.seed, epochs=cfg.epochs,
-            start_epoch=initial_epoch, augment=cfg.augment, mean=mean, std=std)
+        # A run resumed mid-epoch first finishes that epoch from its next batch (with the
+        # epoch's running metrics restored), then trains the remaining epochs.
+        phases = [(initial_epoch, initial_epoch + 1, skip)] if skip else []
+        if initial_epoch + bool(skip) < cfg.epochs:
+            phases.append((initial_epoch + bool(skip), cfg.epochs, 0))
         test_ds = pipeline.eval_dataset(splits.test, batch_size=cfg.eval_batch_size,
                                         mean=mean, std=std)
-        divergence = callbacks.DivergenceStop(steps_per_epoch)
+        divergence = callbacks.DivergenceStop(cfg.divergence_factor)
         recorder = callbacks.EpochRecorder(
-            out, steps_per_epoch=steps_per_epoch, batch_size=cfg.batch_size,
-            schedule=schedule, history=history, hparams=hparams_of(cfg),
+            out, batch_size=cfg.batch_size, schedule=schedule, history=history,
+            hparams=hparams_of(cfg) if start_step == 0 else None,
             histogram_freq=cfg.histogram_freq, network=network)
+        restore_metrics = callbacks.RestoreMetrics(
+            metric_variables, [v.numpy() for v in metric_variables] if skip else None)
         started = time.monotonic()
-        if initial_epoch < cfg.epochs:
-            model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                      steps_per_epoch=steps_per_epoch, validation_data=test_ds, verbose=0,
-                      callbacks=[divergence, recorder, callbacks.EpochLog(cfg.epochs),
-                                 callbacks.EpochCheckpoint(manager, divergence),
-                                 *extra_callbacks])
+        with callbacks.Preemption() as preemption:
+            checkpointer = callbacks.Checkpointer(manager, divergence, preemption,
+                                                  cfg.checkpoint_every_steps)
+            for first, last, skipped in phases:
+                if divergence.diverged:
+                    break
+                train_ds = pipeline.train_dataset(
+                    splits.train, batch_size=cfg.batch_size, seed=cfg.seed, epochs=last,
+                    start_epoch=first, start_step=skipped, augment=cfg.augment,
+                    mean=mean, std=std)
+                model.fit(train_ds, epochs=last, initial_epoch=first,
+                          steps_per_epoch=steps_per_epoch - skipped, validation_data=test_ds,
+                          verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
+                          callbacks=[restore_metrics, divergence, recorder,
+                                     callbacks.EpochLog(cfg.epochs), checkpointer,
+                                     *extra_callbacks])
         session_seconds = time.monotonic() - started
-        session_steps = int(model.optimizer.iterations.numpy()) - initial_epoch * steps_per_epoch
+        session_steps = int(model.optimizer.iterations.numpy()) - start_step
 
         # -------------------------------------------------------------- Results
         result = summarize(recorder.rows, cfg, info.num_classes, divergence.diverged_at_step)
@@ -135,14 +152,37 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                                          if session_seconds > 0 else 0.0)
         recorder.write_final("median_test_accuracy", result["test_accuracy"],
                              result["epochs_completed"])
-    except BaseException as error:  # record the failure, then let it propagate
+    except BaseException as error:  # record why it stopped, then let it propagate
+        status = STOP_STATUS.get(type(error).__name__, "failed")
         results.write_yaml(os.path.join(out, results.RESULT_FILE),
-                           {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+                           {"status": status, "error": f"{type(error).__name__}: {error}"})
         raise
     results.write_yaml(os.path.join(out, results.RESULT_FILE), result)
     logging.info("%s: %s, test accuracy (median of final %d) %.4f", out, result["status"],
                  cfg.median_of, result["test_accuracy"])
     return result
+
+
+def restore_latest(manager, checkpoint, model):
+    """Restores the newest readable checkpoint; returns its global step (0: none).
+
+    A truncated or corrupted newest checkpoint is reported and the previous one used; if
+    none is readable the run starts from its initial weights.
+    """
+    if not manager.checkpoints:
+        return 0
+    initial = [v.numpy() for v in model.variables] + [model.optimizer.iterations.numpy()]
+    for path in reversed(manager.checkpoints):
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+            return int(model.optimizer.iterations.numpy())
+        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back
+            logging.warning("Checkpoint %s is unreadable (%s: %s); trying an older one.",
+                            path, type(error).__name__, str(error).splitlines()[0][:200])
+    logging.warning("No readable checkpoint in %s; starting from scratch.", manager.directory)
+    for variable, value in zip([*model.variables, model.optimizer.iterations], initial):
+        variable.assign(value)
+    return 0
 
 
 def summarize(rows, cfg, num_classes, diverged_at_step=None):

@@ -20,6 +20,7 @@ SYNTH = ["--dataset=synthetic", "--model=resnet8"]
 def parse(argv):
     fv = flags.FlagValues()
     run_flags.define_flags(fv)
+    run_flags.define_sweep_flags(fv)
     fv(["prog"] + argv)
     return run_flags.config_from_flags(fv)
 
@@ -148,3 +149,24 @@ def test_every_experiment_flagfile_parses_and_resolves(tmp_path):
         cfg = parse([f"--flagfile={path}", "--log2_base_lr=-7", "--dataset=synthetic",
                      "--synthetic_train=4096"])
         cfg.resolve()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--base_lr=0.1", "--divergence_factor=0.5"],
+    ["--base_lr=0.1", "--checkpoint_every_steps=-1"],
+    ["--base_lr=0.1", "--weight_decay=-1"],
+    ["--base_lr=0.1", "--lr_decay_factor=0"],
+])
+def test_more_ranges(argv):
+    flag = argv[1].split("=")[0]
+    with pytest.raises(ConfigError, match=flag):
+        parse(SYNTH + argv).resolve()
+
+
+def test_flagfile_errors(tmp_path):
+    bad = tmp_path / "bad.flags"
+    bad.write_text("--model=resnet8\n--no_such_flag=3\n")
+    with pytest.raises(flags.Error, match="no_such_flag"):
+        parse([f"--flagfile={bad}"])
+    with pytest.raises(flags.Error):
+        parse([f"--flagfile={tmp_path / 'missing.flags'}"])

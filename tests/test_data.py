@@ -359,3 +359,20 @@ def test_tfds_missing_data_is_config_error(tmp_path):
         data.load("cifar10", data_dir=str(tmp_path), download=False)
     assert "--cifar_dir" in str(err.value) and "--data_dir" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_train_dataset_resume_mid_epoch():
+    from sbt_keras.data import pipeline
+
+    arrays = _indexed_arrays(40)
+    kw = dict(batch_size=8, epochs=3, augment=True, mean=MEAN, std=STD, seed=4)
+    full = _collect(pipeline.train_dataset(arrays, **kw))
+    ds = pipeline.train_dataset(arrays, start_epoch=1, start_step=3, **kw)
+    assert int(ds.cardinality()) == 10 - 3
+    tail = _collect(ds)
+    assert len(tail) == 7
+    for (xa, ya), (xb, yb) in zip(full[5 + 3:], tail):  # epoch 1 batch 3 onwards, exactly
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    with pytest.raises(ConfigError, match="start step 5"):
+        pipeline.train_dataset(arrays, start_epoch=1, start_step=5, **kw)

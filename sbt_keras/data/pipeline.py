@@ -39,7 +39,8 @@ def _options(ds):
     return ds.with_options(opts)
 
 
-def train_dataset(arrays, *, batch_size, seed, epochs, start_epoch=0, augment, mean, std):
+def train_dataset(arrays, *, batch_size, seed, epochs, start_epoch=0, start_step=0, augment,
+                  mean, std):
     """The training stream for epochs ``start_epoch .. epochs-1``, concatenated.
 
     Each epoch is a fresh permutation of the ``N`` examples cut into ``N // batch_size``
@@ -52,12 +53,14 @@ def train_dataset(arrays, *, batch_size, seed, epochs, start_epoch=0, augment, m
       seed: integer seed; the whole stream is a function of it.
       epochs: total number of epochs of the full run.
       start_epoch: first epoch to produce (for resuming).
+      start_step: batches of ``start_epoch`` to skip (for resuming mid-epoch); skipped
+        before any gather or augmentation, so it costs nothing.
       augment: apply random pad/crop/flip.
       mean, std: per-channel statistics for standardization (0..255 scale).
 
     Returns:
       ``tf.data.Dataset`` of ``(float32 [batch_size, H, W, 3], int32 [batch_size])`` with
-      known cardinality ``(epochs - start_epoch) * (N // batch_size)``.
+      known cardinality ``(epochs - start_epoch) * (N // batch_size) - start_step``.
     """
     num = len(arrays.labels)
     if batch_size < 1:
@@ -72,6 +75,9 @@ def train_dataset(arrays, *, batch_size, seed, epochs, start_epoch=0, augment, m
         raise ConfigError(
             f"start epoch {start_epoch} is outside 0..{epochs}; check --epochs against the checkpoint"
         )
+    if not 0 <= start_step < max(steps, 1) or (start_step and start_epoch == epochs):
+        raise ConfigError(f"start step {start_step} is outside epoch {start_epoch}'s {steps} "
+                          f"batches; the checkpoint does not match --batch_size")
 
     images = tf.constant(arrays.images, tf.uint8)
     labels = tf.constant(arrays.labels, tf.int32)
@@ -93,10 +99,11 @@ def train_dataset(arrays, *, batch_size, seed, epochs, start_epoch=0, augment, m
         x = augment_lib.standardize(x, mean, std)
         return x, tf.gather(labels, index)
 
-    ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_batches)
+    ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_batches).skip(start_step)
     ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # flat_map hides the length; it is known, and Keras wants it.
-    ds = ds.apply(tf.data.experimental.assert_cardinality((epochs - start_epoch) * steps))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(
+        (epochs - start_epoch) * steps - start_step))
     return _options(ds.prefetch(tf.data.AUTOTUNE))
 
 

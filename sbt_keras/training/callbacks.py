@@ -1,11 +1,13 @@
 """Callbacks that turn a `fit` into records: history.csv, TensorBoard, checkpoints, divergence.
 
-Keras calls batch-level hooks once per `steps_per_execution` steps, so nothing here needs a
+Keras calls batch-level hooks once per `steps_per_execution` steps, so nothing here adds a
 per-step host round trip: divergence is read from the epoch's running mean loss, which turns
 NaN/Inf as soon as any example's loss does and stays so for the epoch.
 """
 import math
 import os
+import signal
+import threading
 import time
 
 import keras
@@ -17,26 +19,57 @@ from sbt_keras import results
 TB_DIR = "tb"
 
 
-class DivergenceStop(keras.callbacks.Callback):
-    """Stops training when the running training loss is NaN/Inf.
+class Preempted(BaseException):
+    """SIGTERM arrived; a checkpoint was saved. A BaseException so that keras-tuner, which
+    records ordinary exceptions as failed trials and moves on, lets it end the sweep."""
 
-    `diverged_at_step` is the first global step at which a non-finite loss was seen (exact to
-    within `steps_per_execution` steps).
+
+class Preemption:
+    """Context in which SIGTERM (how TPU/VM preemption arrives) requests a clean stop."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint at the next step boundary")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+class DivergenceStop(keras.callbacks.Callback):
+    """Stops training when the epoch's running training loss is NaN/Inf, or (with
+    `factor` > 0) above `factor` times the first loss this run reported.
+
+    `diverged_at_step` is the global step at which that was first seen (exact to within
+    `steps_per_execution` steps: Keras calls batch hooks once per execution).
     """
 
-    def __init__(self, steps_per_epoch):
+    def __init__(self, factor=0.0):
         super().__init__()
-        self.steps_per_epoch = steps_per_epoch
+        self.factor = factor
+        self.initial_loss = None
         self.diverged_at_step = None
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if self.diverged_at_step is None and loss is not None and not math.isfinite(float(loss)):
-            self.diverged_at_step = self._epoch * self.steps_per_epoch + batch + 1
+        if loss is None or self.diverged_at_step is not None:
+            return
+        loss = float(loss)
+        if self.initial_loss is None and math.isfinite(loss):
+            self.initial_loss = loss
+        exploded = self.factor > 0 and loss > self.factor * self.initial_loss
+        if not math.isfinite(loss) or exploded:
+            self.diverged_at_step = int(self.model.optimizer.iterations.numpy())
             self.model.stop_training = True
 
     @property
@@ -47,11 +80,10 @@ class DivergenceStop(keras.callbacks.Callback):
 class EpochRecorder(keras.callbacks.Callback):
     """Appends one row per epoch to history.csv (atomically) and mirrors it to TensorBoard."""
 
-    def __init__(self, output_dir, *, steps_per_epoch, batch_size, schedule, history=(),
-                 hparams=None, histogram_freq=0, network=None):
+    def __init__(self, output_dir, *, batch_size, schedule, history=(), hparams=None,
+                 histogram_freq=0, network=None):
         super().__init__()
         self.output_dir = output_dir
-        self.steps_per_epoch = steps_per_epoch
         self.batch_size = batch_size
         self.schedule = schedule
         self.rows = list(history)  # rows of earlier, resumed sessions
@@ -62,16 +94,18 @@ class EpochRecorder(keras.callbacks.Callback):
         self._writers = {name: tf.summary.create_file_writer(os.path.join(tb, name))
                          for name in ("train", "test")}
         self._root_writer = tf.summary.create_file_writer(tb)
-        self._wall_before = self.rows[-1]["wall_seconds"] if self.rows else 0.0
         self._start = None
 
     def on_train_begin(self, logs=None):
+        # Wall time counts from the last recorded epoch end (resumed runs keep counting).
+        self._wall_before = self.rows[-1]["wall_seconds"] if self.rows else 0.0
         self._start = time.monotonic()
-        if self.hparams and not self.rows:
+        if self.hparams:  # once per run: the caller passes hparams only on a fresh start
             from tensorboard.plugins.hparams import api as hp
             with self._root_writer.as_default():
                 hp.hparams(self.hparams, trial_id=os.path.basename(
                     os.path.abspath(self.output_dir)))
+            self.hparams = None
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -89,6 +123,7 @@ class EpochRecorder(keras.callbacks.Callback):
             "wall_seconds": self._wall_before + time.monotonic() - self._start,
         }
         self.rows.append(row)
+        self._wall_before, self._start = row["wall_seconds"], time.monotonic()
         results.write_csv(os.path.join(self.output_dir, results.HISTORY_FILE), self.rows,
                           results.HISTORY_COLUMNS)
         self._write_scalars(epoch + 1, row)
@@ -129,17 +164,59 @@ class EpochLog(keras.callbacks.Callback):
                      logs.get("val_loss", nan), logs.get("val_accuracy", nan))
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves model + optimizer state at every epoch end (skipped once training diverged)."""
+class Checkpointer(keras.callbacks.Callback):
+    """Saves model, optimizer and the epoch's running metrics: at every epoch end, every
+    `every_steps` steps (0: epoch ends only), and at once when SIGTERM was received (then
+    raises Preempted). Checkpoints are numbered by global step. Nothing is saved once
+    training diverged."""
 
-    def __init__(self, manager, divergence):
+    def __init__(self, manager, divergence, preemption, every_steps=0):
         super().__init__()
         self.manager = manager
         self.divergence = divergence
+        self.preemption = preemption
+        self.every_steps = every_steps
+        self._last = None
+
+    def _save(self):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step != self._last and not self.divergence.diverged:
+            self.manager.save(checkpoint_number=step)
+            self._last = step
+        return step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.preemption.requested:
+            step = self._save()
+            raise Preempted(f"preempted at step {step}")
+        if self.every_steps:
+            step = int(self.model.optimizer.iterations.numpy())
+            if self._last is None:
+                self._last = step - step % self.every_steps
+            if step - self._last >= self.every_steps:
+                self._save()
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.divergence.diverged:
-            self.manager.save(checkpoint_number=epoch + 1)
+        self._save()
+
+
+class RestoreMetrics(keras.callbacks.Callback):
+    """Puts back the running metric sums of a checkpoint taken mid-epoch.
+
+    Keras resets metrics at every epoch start; this runs right after that reset, once, so
+    the resumed epoch's mean train loss and accuracy cover the whole epoch.
+    """
+
+    def __init__(self, variables, values):
+        super().__init__()
+        self.variables = variables
+        self.values = values
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.values is not None:
+            for variable, value in zip(self.variables, self.values):
+                variable.assign(value)
+            self.values = None
 
 
 def _float(x):

@@ -1,0 +1,204 @@
+"""A resumable keras-tuner grid over (m, eta_tilde, bn batch size, epochs, seed).
+
+Layout of a sweep's output_dir:
+  sweep.yaml            the base config, the grid (union over extensions), skipped points
+  results.csv / .yaml   one row per point, rewritten atomically after every trial
+  trials/<point>/       a full run directory per point (see train.py), named by its values
+  tuner/<grid hash>/    keras-tuner's own state
+  events.*              the TensorBoard HParams experiment (tensorboard --logdir output_dir)
+
+Resume works at two levels. Trial directories are named by the point's values, not by
+keras-tuner's trial id, so a re-run of a finished point returns its stored result at once and
+an interrupted one resumes from its last epoch checkpoint. keras-tuner's GridSearchOracle
+does not save its grid cursor (`_ordered_ids`, `_populate_next`), so after a reload it either
+stops early or raises KeyError (keras-tuner issue 1055); `_ResumableGridOracle` saves them.
+"""
+import hashlib
+import json
+import os
+
+import keras_tuner
+from absl import logging
+from keras_tuner.src.tuners import gridsearch
+
+from sbt_keras import grid as grid_lib
+from sbt_keras import results
+from sbt_keras.config import Config
+from sbt_keras.errors import ConfigError
+from sbt_keras.train import EXECUTION_FIELDS, train
+
+SWEEP_FILE = "sweep.yaml"
+RESULTS_STEM = "results"
+TRIALS_DIR = "trials"
+OBJECTIVE = "test_accuracy"
+RESULT_COLUMNS = ("trial", "batch_size", "log2_base_lr", "base_lr", "bn_batch_size", "epochs",
+                  "seed", "status", "test_accuracy", "best_test_accuracy", "final_train_loss",
+                  "epochs_completed", "steps", "wall_seconds", "trial_dir", "reason")
+
+
+def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
+    """Runs every valid point of `grid` (skipping finished ones); returns the result rows."""
+    out = base.output_dir
+    valid, skipped = grid_lib.split_points(base, grid, lambda p: trial_dir(out, p))
+    sweep_grid = _check_sweep_dir(base, grid, skipped)
+    configs = {p.name: cfg for p, cfg in valid}
+    skipped_names = {p.name: reason for p, reason in skipped}
+    for name, reason in skipped_names.items():
+        logging.warning("Skipping %s: %s", name, reason)
+    _write_hparams_config(out, sweep_grid)
+
+    hp = keras_tuner.HyperParameters()
+    for field, values in grid.axes:  # best_lr is a function of batch_size, not an axis
+        hp.Choice(field, list(values), default=values[0])
+    oracle = ResumableGridOracle(
+        objective=keras_tuner.Objective(OBJECTIVE, direction="max"), hyperparameters=hp,
+        # Skipped points fail on purpose; only a run of real failures should stop the grid.
+        max_consecutive_failed_trials=len(skipped) + 3)
+    axes = [f for f, _ in grid.axes]
+    points = {tuple(p.as_dict()[f] for f in axes): p for p in grid.points()}
+    tuner = _GridTuner(
+        oracle=oracle, run_point=lambda point: _run_point(out, point, configs, skipped_names,
+                                                          extra_callbacks),
+        point_of=lambda values: points[tuple(values[f] for f in axes)],
+        directory=os.path.join(out, "tuner"),
+        project_name=_grid_hash(grid), overwrite=False)
+    tuner.search(verbose=0)
+    return write_results(out)
+
+
+def trial_dir(output_dir, point):
+    return os.path.join(output_dir, TRIALS_DIR, point.name)
+
+
+def _run_point(out, point, configs, skipped_names, extra_callbacks):
+    if point.name in skipped_names:
+        raise keras_tuner.errors.FailedTrialError(skipped_names[point.name])
+    result = train(configs[point.name], extra_callbacks=extra_callbacks)
+    write_results(out)
+    return {OBJECTIVE: result[OBJECTIVE]}
+
+
+class _GridTuner(keras_tuner.Tuner):
+    """Each trial is a full sbt_keras run; there is no hypermodel to build."""
+
+    def __init__(self, oracle, run_point, point_of, **kwargs):
+        super().__init__(oracle=oracle, hypermodel=None, **kwargs)
+        self._run_point = run_point
+        self._point_of = point_of  # keras-tuner's values -> our grid Point
+
+    def run_trial(self, trial, *args, **kwargs):
+        return self._run_point(self._point_of(trial.hyperparameters.values))
+
+
+# ---------------------------------------------------------------------- sweep records
+def _check_sweep_dir(base, grid, skipped):
+    """Refuses a directory holding another sweep or a single run; extends the grid otherwise.
+
+    Returns the union grid (as {field: values}) now recorded in sweep.yaml.
+    """
+    out = base.output_dir
+    path = os.path.join(out, SWEEP_FILE)
+    mine = _comparable(base, grid)
+    union = grid.as_dict()
+    if os.path.exists(os.path.join(out, results.CONFIG_FILE)):
+        raise ConfigError(f"--output_dir={out} holds a single run, not a sweep; choose "
+                          f"another --output_dir")
+    if os.path.exists(path):
+        stored = results.read_yaml(path) or {}
+        theirs = stored.get("base", {})
+        different = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if different:
+            shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}"
+                              for k in different[:3])
+            raise ConfigError(f"--output_dir={out} holds a sweep with other settings "
+                              f"({shown}); choose a new --output_dir")
+        for field, values in (stored.get("grid") or {}).items():
+            union[field] = sorted(set(union.get(field, [])) | set(values))
+    results.write_yaml(path, {
+        "base": mine, "grid": union,
+        "skipped": {p.name: {"reason": reason, **p.as_dict()} for p, reason in skipped}})
+    return union
+
+
+def _comparable(base, grid):
+    """Settings that must agree between a sweep and its extension."""
+    swept = {f for f, _ in grid.axes} | {"base_lr", "log2_base_lr", "seed"}
+    return {k: v for k, v in base.to_dict().items()
+            if k not in EXECUTION_FIELDS and k not in swept}
+
+
+def _grid_hash(grid):
+    return "grid-" + hashlib.sha1(json.dumps(grid.as_dict(), sort_keys=True).encode()
+                                  ).hexdigest()[:10]
+
+
+def write_results(output_dir):
+    """Rebuilds results.csv/.yaml from the trial directories (and skipped points)."""
+    rows = []
+    trials = os.path.join(output_dir, TRIALS_DIR)
+    for name in sorted(os.listdir(trials)) if os.path.isdir(trials) else []:
+        directory = os.path.join(trials, name)
+        config_path = os.path.join(directory, results.CONFIG_FILE)
+        result_path = os.path.join(directory, results.RESULT_FILE)
+        if not (os.path.exists(config_path) and os.path.exists(result_path)):
+            continue
+        cfg = results.read_yaml(config_path)
+        result = results.read_yaml(result_path) or {}
+        row = {k: cfg.get(k) for k in ("batch_size", "log2_base_lr", "base_lr",
+                                       "bn_batch_size", "epochs", "seed")}
+        row.update({k: result.get(k) for k in RESULT_COLUMNS if k in result})
+        row.update(trial=name, trial_dir=os.path.relpath(directory, output_dir))
+        rows.append(row)
+    sweep_path = os.path.join(output_dir, SWEEP_FILE)
+    skipped = (results.read_yaml(sweep_path) or {}).get("skipped", {}) \
+        if os.path.exists(sweep_path) else {}
+    for name, info in sorted(skipped.items()):
+        rows.append({"trial": name, "status": "skipped", **info})
+    rows.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in grid_lib.AXES))
+    results.write_csv(os.path.join(output_dir, RESULTS_STEM + ".csv"), rows, RESULT_COLUMNS)
+    results.write_yaml(os.path.join(output_dir, RESULTS_STEM + ".yaml"), rows)
+    return rows
+
+
+def _sort_key(value):
+    return (value is None, value if value is not None else 0)
+
+
+# ---------------------------------------------------------------------- TensorBoard
+def _write_hparams_config(output_dir, union_grid):
+    """The HParams experiment: swept values as discrete domains, the paper's metrics."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    hparams = [hp.HParam(field, hp.Discrete(values)) for field, values in union_grid.items()]
+    metrics = [hp.Metric("median_test_accuracy", display_name="test accuracy (median of final)"),
+               hp.Metric("accuracy", group="test", display_name="test accuracy"),
+               hp.Metric("loss", group="train", display_name="train loss")]
+    with tf.summary.create_file_writer(output_dir).as_default():
+        hp.hparams_config(hparams=hparams, metrics=metrics)
+
+
+# ---------------------------------------------------------------------- keras-tuner fix
+class ResumableGridOracle(gridsearch.GridSearchOracle):
+    """A GridSearchOracle that saves and restores its grid cursor (see module docstring)."""
+
+    def get_state(self):
+        state = super().get_state()
+        state["grid_order"] = _linked_list_items(self._ordered_ids)
+        state["grid_populate_next"] = list(self._populate_next)
+        return state
+
+    def set_state(self, state):
+        super().set_state(state)
+        self._ordered_ids = gridsearch.LinkedList()
+        for trial_id in state.get("grid_order", []):
+            self._ordered_ids.insert(trial_id)
+        self._populate_next = list(state.get("grid_populate_next", []))
+
+
+def _linked_list_items(linked):
+    items, index = [], linked._next_index[None]
+    while index is not None:
+        items.append(linked._memory[index])
+        index = linked._next_index[index]
+    return items

@@ -1,0 +1,190 @@
+"""Fault injection: kill -9, SIGTERM, truncated checkpoints, divergence, killed sweeps.
+
+Each test compares the interrupted-and-resumed outcome with an uninterrupted reference run
+(with --deterministic, so histories must be identical to the bit).
+"""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+import yaml
+
+from sbt_keras import results
+from sbt_keras.config import Config
+from sbt_keras.train import train
+from sbt_keras.training.callbacks import DivergenceStop
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# 256 examples / m=8 = 32 steps per epoch, 3 epochs; checkpoints every 5 steps too.
+RUN_FLAGS = ["--dataset=synthetic", "--model=resnet8", "--norm=batch", "--image_size=8",
+             "--synthetic_train=256", "--synthetic_test=32", "--batch_size=8",
+             "--log2_base_lr=-6", "--epochs=3", "--median_of=1", "--augment",
+             "--deterministic", "--checkpoint_every_steps=5"]
+STEPS_PER_EPOCH = 32
+
+
+def _start(args):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen([sys.executable, "-m", "sbt_keras.run"] + args, cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run(args):
+    proc = _start(args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _checkpoint_steps(output_dir):
+    directory = pathlib.Path(output_dir) / "checkpoints"
+    if not directory.exists():
+        return []
+    return sorted(int(p.name.split("-")[1].split(".")[0]) for p in directory.glob("ckpt-*.index"))
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"process ended before the fault could be injected: "
+                        f"{proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("timed out waiting to inject the fault")
+
+
+def _table(output_dir):
+    rows = results.read_csv(pathlib.Path(output_dir) / "history.csv")
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]
+
+
+def _result(output_dir):
+    result = yaml.safe_load((pathlib.Path(output_dir) / "result.yaml").read_text())
+    return {k: v for k, v in result.items() if k not in ("wall_seconds", "examples_per_second")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    _run(RUN_FLAGS + [f"--output_dir={out}"])
+    return out
+
+
+def test_kill_9_mid_epoch_then_resume_gives_identical_history(reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = _start(RUN_FLAGS + [f"--output_dir={out}"])
+    # Kill as soon as a mid-epoch checkpoint exists (a step that is not an epoch end).
+    _wait_for(lambda: any(s % STEPS_PER_EPOCH for s in _checkpoint_steps(out)
+                          if s > STEPS_PER_EPOCH), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert yaml.safe_load((out / "result.yaml").read_text())["status"] == "running"
+    _run(RUN_FLAGS + [f"--output_dir={out}"])
+    assert _table(out) == _table(reference)
+    assert _result(out) == _result(reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(reference, tmp_path):
+    out = tmp_path / "preempted"
+    proc = _start(RUN_FLAGS + [f"--output_dir={out}"])
+    _wait_for(lambda: _checkpoint_steps(out), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "preempted at step" in err and "re-run the same command" in err
+    assert yaml.safe_load((out / "result.yaml").read_text())["status"] == "preempted"
+    _run(RUN_FLAGS + [f"--output_dir={out}"])
+    assert _table(out) == _table(reference)
+    assert _result(out) == _result(reference)
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAfterEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise _Crash()
+
+
+def _tiny(tmp_path, name):
+    return Config(model="resnet8", dataset="synthetic", image_size=8, synthetic_train=64,
+                  synthetic_test=32, batch_size=8, base_lr=2.0 ** -6, epochs=4, median_of=1,
+                  deterministic=True, augment=True, output_dir=str(tmp_path / name)).resolve()
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    reference = train(_tiny(tmp_path, "reference"))
+    cfg = _tiny(tmp_path, "truncated")
+    with pytest.raises(_Crash):
+        train(cfg, extra_callbacks=[_CrashAfterEpoch(3)])
+    assert yaml.safe_load((tmp_path / "truncated/result.yaml").read_text())["status"] == "failed"
+    steps = _checkpoint_steps(cfg.output_dir)
+    assert steps[-1] == 24  # 3 epochs x 8 steps
+    data_file = next((tmp_path / "truncated/checkpoints").glob("ckpt-24.data-*"))
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        resumed = train(cfg)
+    assert any("ckpt-24 is unreadable" in r.getMessage() for r in caplog.records)
+    assert _table(tmp_path / "truncated") == _table(tmp_path / "reference")
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    assert resumed["steps"] == reference["steps"] == 32
+
+
+class _StubModel:
+    class optimizer:
+        iterations = keras.Variable(0, dtype="int64")
+
+    stop_training = False
+
+
+@pytest.mark.parametrize("losses,factor,step", [
+    ([2.3, 2.5, 3.0, 3.6], 1.5, 4),          # 3.6 > 1.5 * 2.3
+    ([2.3, 2.5, 3.0, 3.4], 1.5, None),       # never above 3.45
+    ([2.3, float("nan")], 0.0, 2),           # NaN always counts
+    ([2.3, float("inf")], 0.0, 2),
+    ([2.3, 1e9], 0.0, None),                 # finite: only the factor test catches it
+])
+def test_divergence_rule(losses, factor, step):
+    stop = DivergenceStop(factor)
+    model = _StubModel()
+    model.optimizer.iterations.assign(0)
+    stop.set_model(model)
+    for i, loss in enumerate(losses):
+        model.optimizer.iterations.assign(i + 1)
+        stop.on_train_batch_end(i, {"loss": loss})
+    assert stop.diverged_at_step == step
+    assert model.stop_training == (step is not None)
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    sweep = ["--grid_batch_size=8,16", "--log2_base_lr=-6", "--checkpoint_every_steps=0"]
+    flags = [f for f in RUN_FLAGS if not f.startswith("--checkpoint_every")] + sweep
+    reference = tmp_path / "reference"
+    _run(flags + [f"--output_dir={reference}"])
+    out = tmp_path / "killed"
+    proc = _start(flags + [f"--output_dir={out}"])
+    first = out / "trials/m8/result.yaml"  # only m is swept, so trials are named by m
+    second = out / "trials/m16"
+    _wait_for(lambda: first.exists() and "completed" in first.read_text()
+              and _checkpoint_steps(second), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_at = (out / "trials/m8/history.csv").stat().st_mtime_ns
+    _run(flags + [f"--output_dir={out}"])
+    assert (out / "trials/m8/history.csv").stat().st_mtime_ns == finished_at
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]
+    assert strip(results.read_csv(out / "results.csv")) == \
+        strip(results.read_csv(reference / "results.csv"))

@@ -1,0 +1,217 @@
+"""Grids: parsing, skipping, a 2x2 keras-tuner sweep, resume, extension and refusal."""
+import pathlib
+
+import keras
+import pytest
+
+from sbt_keras import grid as grid_lib
+from sbt_keras import results
+from sbt_keras.config import Config
+from sbt_keras.errors import ConfigError
+from sbt_keras.sweep import run_sweep
+
+
+def test_lists_and_ranges():
+    assert grid_lib.parse_axis("batch_size", "2,8,32") == [2, 8, 32]
+    assert grid_lib.parse_axis("batch_size", "2:2048") == [2 ** k for k in range(1, 12)]
+    assert grid_lib.parse_axis("log2_base_lr", "-12:0") == [float(k) for k in range(-12, 1)]
+    assert grid_lib.parse_axis("log2_base_lr", "-2:-1:0.5") == [-2.0, -1.5, -1.0]
+    assert grid_lib.parse_axis("epochs", "41,82,164") == [41, 82, 164]
+    assert grid_lib.parse_axis("epochs", "") == []
+
+
+@pytest.mark.parametrize("flag,text,words", [
+    ("batch_size", "2,,8", "empty item"),
+    ("batch_size", "2,x", "not an integer"),
+    ("batch_size", "3:64", "3 is not a power of two"),
+    ("batch_size", "2:48", "48 is not a power of two"),
+    ("batch_size", "64:2", "START must not exceed END"),
+    ("log2_base_lr", "-1:0:0.3", "does not reach END"),
+    ("log2_base_lr", "a:b", "not a number"),
+    ("log2_base_lr", "1:2:3:4", "not a range"),
+    ("bn_batch_size", "2,2", "repeats"),
+])
+def test_malformed_grids_are_rejected(flag, text, words):
+    with pytest.raises(ConfigError, match=f"--grid_{flag}.*{words}"):
+        grid_lib.parse_axis(flag, text)
+
+
+def _base(tmp_path, **overrides):
+    values = dict(model="resnet8", norm="batch", dataset="synthetic", image_size=8,
+                  synthetic_train=32, synthetic_test=16, epochs=2, median_of=1,
+                  eval_batch_size=16, deterministic=True, output_dir=str(tmp_path / "sweep"))
+    values.update(overrides)
+    return Config(**values)
+
+
+def _grid(base, **texts):
+    return grid_lib.Grid.from_flags(base, texts, seeds=texts.pop("seeds", 1)
+                                    if "seeds" in texts else 1)
+
+
+def test_invalid_points_are_skipped_and_an_empty_grid_refused(tmp_path):
+    base = _base(tmp_path)
+    grid = _grid(base, batch_size="2,4", bn_batch_size="4", log2_base_lr="-6")
+    valid, skipped = grid_lib.split_points(base, grid, lambda p: str(tmp_path / p.name))
+    assert [p.name for p, _ in valid] == ["m4_lr-6_bn4"]
+    assert [p.name for p, _ in skipped] == ["m2_lr-6_bn4"]
+    assert "--batch_size=2 is not divisible by --bn_batch_size=4" in skipped[0][1]
+    with pytest.raises(ConfigError, match="no valid point"):
+        grid_lib.split_points(base, _grid(base, batch_size="2", bn_batch_size="4",
+                                          log2_base_lr="-6"), lambda p: "x")
+
+
+def test_seeds_become_an_axis(tmp_path):
+    base = _base(tmp_path, seed=3)
+    grid = grid_lib.Grid.from_flags(base, {"batch_size": "4"}, seeds=2)
+    assert [p.name for p in grid.points()] == ["m4_s3", "m4_s4"]
+    with pytest.raises(ConfigError, match="--seeds=0"):
+        grid_lib.Grid.from_flags(base, {}, seeds=0)
+
+
+class _Interrupt(BaseException):
+    """Like Ctrl-C: keras-tuner does not catch it, so the sweep stops."""
+
+
+def _table(output_dir):
+    rows = results.read_csv(pathlib.Path(output_dir) / "results.csv")
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]
+
+
+def _count_fits(monkeypatch):
+    calls = []
+    original = keras.Model.fit
+
+    def counting_fit(self, *args, **kwargs):
+        calls.append(kwargs.get("initial_epoch", 0))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", counting_fit)
+    return calls
+
+
+def test_two_by_two_sweep_then_resume_after_an_interrupted_trial(tmp_path, monkeypatch):
+    texts = dict(batch_size="4,8", log2_base_lr="-6,-5")
+    reference = _base(tmp_path, output_dir=str(tmp_path / "reference"))
+    rows = run_sweep(reference, _grid(reference, **texts))
+    assert [(r["batch_size"], r["log2_base_lr"]) for r in rows] == [
+        (4, -6.0), (4, -5.0), (8, -6.0), (8, -5.0)]
+    assert all(r["status"] == "completed" for r in rows)
+    table = _table(reference.output_dir)
+    assert len(table) == 4
+    for r in table:  # each trial has its own full run directory
+        trial = pathlib.Path(reference.output_dir) / r["trial_dir"]
+        assert (trial / "result.yaml").exists() and (trial / "history.csv").exists()
+    assert any(p.name.startswith("events") for p in pathlib.Path(reference.output_dir).iterdir())
+
+    # Interrupt the third trial (m=8, lr=-6: the first with 32/8 = 4 steps per epoch) at
+    # the end of its first epoch, after its checkpoint, like Ctrl-C.
+    class StopThirdTrial(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0 and self.params.get("steps") == 4:
+                raise _Interrupt()
+
+    base = _base(tmp_path)
+    with pytest.raises(_Interrupt):
+        run_sweep(base, _grid(base, **texts), extra_callbacks=[StopThirdTrial()])
+    partial = _table(base.output_dir)
+    assert [r["status"] for r in partial] == ["completed", "completed"]
+
+    calls = _count_fits(monkeypatch)
+    run_sweep(base, _grid(base, **texts))
+    # Only the interrupted trial (resumed at epoch 1) and the untouched fourth one train.
+    assert calls == [1, 0]
+    assert _table(base.output_dir) == table  # same numbers as the uninterrupted sweep
+
+
+def test_extension_and_refusal(tmp_path, monkeypatch):
+    base = _base(tmp_path)
+    run_sweep(base, _grid(base, batch_size="4", log2_base_lr="-6"))
+    calls = _count_fits(monkeypatch)
+    rows = run_sweep(base, _grid(base, batch_size="4,8", log2_base_lr="-6"))
+    assert calls == [0]  # only the new point m=8 trains
+    assert [r["batch_size"] for r in rows] == [4, 8]
+    stored = results.read_yaml(pathlib.Path(base.output_dir) / "sweep.yaml")
+    assert stored["grid"]["batch_size"] == [4, 8]
+    other = _base(tmp_path, model="resnet20")
+    with pytest.raises(ConfigError, match="holds a sweep with other settings .*model"):
+        run_sweep(other, _grid(other, batch_size="4", log2_base_lr="-6"))
+
+
+def test_diverged_and_skipped_trials_are_rows(tmp_path):
+    base = _base(tmp_path, norm="none", epochs=3)
+    rows = run_sweep(base, _grid(base, batch_size="4", log2_base_lr="-6,4",
+                                 bn_batch_size=""))
+    status = {r["log2_base_lr"]: r["status"] for r in rows}
+    assert status == {-6.0: "completed", 4.0: "diverged"}
+    diverged = [r for r in rows if r["status"] == "diverged"][0]
+    assert diverged["test_accuracy"] == pytest.approx(0.1)
+
+    base = _base(tmp_path, output_dir=str(tmp_path / "with_skips"))
+    rows = run_sweep(base, _grid(base, batch_size="2,4", bn_batch_size="4",
+                                 log2_base_lr="-6"))
+    assert [(r["trial"], r["status"]) for r in rows] == [
+        ("m2_lr-6_bn4", "skipped"), ("m4_lr-6_bn4", "completed")]
+
+
+def test_best_lr_from_an_earlier_sweep(tmp_path):
+    earlier = tmp_path / "fig08"
+    results.write_csv(earlier / "results.csv", [
+        {"batch_size": 4, "log2_base_lr": -6, "status": "completed", "test_accuracy": 0.5},
+        {"batch_size": 4, "log2_base_lr": -5, "status": "completed", "test_accuracy": 0.7},
+        {"batch_size": 8, "log2_base_lr": -5, "status": "completed", "test_accuracy": 0.4},
+        {"batch_size": 8, "log2_base_lr": -4, "status": "diverged", "test_accuracy": 0.9},
+        {"batch_size": 8, "log2_base_lr": -7, "status": "completed", "test_accuracy": 0.6},
+    ], ("batch_size", "log2_base_lr", "status", "test_accuracy"))
+    base = _base(tmp_path)
+    grid = grid_lib.Grid.from_flags(base, {"batch_size": "4,8", "bn_batch_size": "2,4"},
+                                    seeds=1, best_lr_from=str(earlier))
+    assert [p.name for p in grid.points()] == [
+        "m4_lr-5_bn2", "m4_lr-5_bn4", "m8_lr-7_bn2", "m8_lr-7_bn4"]
+    with pytest.raises(ConfigError, match="no completed trial with batch_size 16"):
+        grid_lib.Grid.from_flags(base, {"batch_size": "16"}, 1, best_lr_from=str(earlier))
+    with pytest.raises(ConfigError, match="drop --grid_log2_base_lr"):
+        grid_lib.Grid.from_flags(base, {"log2_base_lr": "-3"}, 1, best_lr_from=str(earlier))
+    rows = run_sweep(base, grid_lib.Grid.from_flags(base, {"batch_size": "4",
+                                                           "bn_batch_size": "2"}, 1,
+                                                    best_lr_from=str(earlier)))
+    assert [(r["trial"], r["log2_base_lr"]) for r in rows] == [("m4_lr-5_bn2", -5.0)]
+
+
+def _parse_sweep_flags(argv):
+    from absl import flags as absl_flags
+
+    from sbt_keras import flags as run_flags
+    fv = absl_flags.FlagValues()
+    run_flags.define_flags(fv)
+    run_flags.define_sweep_flags(fv)
+    fv(["prog"] + argv)
+    return fv
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments/figures").glob("*.flags")),
+                         ids=lambda p: p.stem)
+def test_figure_flagfiles_expand_to_the_papers_grid(path, tmp_path):
+    from sbt_keras import flags as run_flags
+    # Fig. 13 reads the best eta_tilde per m from an earlier sweep: give it one.
+    earlier = tmp_path / "earlier"
+    results.write_csv(earlier / "results.csv", [
+        {"batch_size": 2 ** k, "log2_base_lr": -8, "status": "completed",
+         "test_accuracy": 0.5} for k in range(1, 12)],
+        ("batch_size", "log2_base_lr", "status", "test_accuracy"))
+    fv = _parse_sweep_flags([f"--flagfile={path}", f"--output_dir={tmp_path / 'out'}"])
+    best_from = str(earlier) if fv.grid_best_lr_from else ""
+    base = run_flags.config_from_flags(fv)
+    grid = grid_lib.Grid.from_flags(base, run_flags.grid_texts_from_flags(fv), fv.seeds,
+                                    best_from)
+    valid, skipped = grid_lib.split_points(base, grid, lambda p: str(tmp_path / p.name))
+    axes = dict(grid.axes)
+    if "log2_base_lr" in axes:  # the m x eta_tilde figures: 2..2048 x 2^-12..2^0
+        assert axes["batch_size"] == tuple(2 ** k for k in range(1, 12))
+        assert axes["log2_base_lr"] == tuple(float(k) for k in range(-12, 1))
+        assert len(valid) == 143 and not skipped
+    else:
+        assert valid

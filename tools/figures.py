@@ -1,0 +1,240 @@
+"""The paper's figures from sweep results (results.csv) and run histories (history.csv).
+
+    python -m tools.figures --kind=lr     --results=runs/fig08            # Fig. 1-3, 5-12
+    python -m tools.figures --kind=bn     --results=runs/fig13            # Fig. 13-14
+    python -m tools.figures --kind=best   --results=runs/fig02,runs/fig08 # Fig. 15
+    python -m tools.figures --kind=range  --results=runs/fig02,runs/fig08 # Fig. 16
+    python -m tools.figures --kind=curves --runs=runs/fig04/trials/m8_lr-8,...   # Fig. 4
+
+Writes <out>.png and <out>.svg (default out: <first results dir>/fig_<kind>). Diverged trials
+are drawn at their recorded chance-level accuracy with an 'x' marker, never dropped.
+"""
+import collections
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from sbt_keras import results  # noqa: E402
+
+KINDS = ("lr", "bn", "best", "range", "curves")
+
+
+def load_rows(results_dir):
+    """Completed and diverged rows of a sweep's results.csv (skipped ones are not points)."""
+    rows = results.read_csv(os.path.join(results_dir, "results.csv"))
+    return [r for r in rows if r.get("status") in ("completed", "diverged")]
+
+
+def _finish(fig, out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    paths = [f"{out}.png", f"{out}.svg"]
+    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _pow2_ticks(ax, values, axis="x"):
+    ticks = sorted(set(values))
+    getattr(ax, f"set_{axis}ticks")(ticks)
+    getattr(ax, f"set_{axis}ticklabels")([f"$2^{{{_fmt(t)}}}$" for t in ticks])
+
+
+def _fmt(value):
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _by(rows, key):
+    groups = collections.defaultdict(list)
+    for r in rows:
+        groups[r[key]].append(r)
+    return dict(sorted(groups.items()))
+
+
+def _plot_series(ax, xs, rows, label):
+    """A line through the median over seeds, 'x' markers where trials diverged."""
+    points = collections.defaultdict(list)
+    for x, r in zip(xs, rows):
+        points[x].append(r)
+    xs_sorted = sorted(points)
+    ys = [_median([r["test_accuracy"] * 100 for r in points[x]]) for x in xs_sorted]
+    line, = ax.plot(xs_sorted, ys, marker="o", ms=4, label=label)
+    div = [(x, r["test_accuracy"] * 100) for x in xs_sorted for r in points[x]
+           if r["status"] == "diverged"]
+    if div:
+        ax.plot(*zip(*div), "x", color=line.get_color(), ms=7)
+
+
+def _median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def plot_lr(rows, out, title=""):
+    """Test accuracy vs log2(eta_tilde), one line per batch size m (paper Fig. 1-3, 5-12)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m, group in _by(rows, "batch_size").items():
+        _plot_series(ax, [r["log2_base_lr"] for r in group], group, f"m = {m}")
+    _pow2_ticks(ax, [r["log2_base_lr"] for r in rows])
+    ax.set_xlabel(r"base learning rate $\tilde\eta = \eta / m$")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "Test accuracy vs base learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    return _finish(fig, out)
+
+
+def plot_bn(rows, out, title=""):
+    """Test accuracy vs BN batch size, one line per SGD batch size (paper Fig. 13-14)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m, group in _by(rows, "batch_size").items():
+        _plot_series(ax, [math.log2(r["bn_batch_size"]) for r in group], group,
+                     f"SGD batch m = {m}")
+    _pow2_ticks(ax, [math.log2(r["bn_batch_size"]) for r in rows])
+    ax.set_xlabel("batch size for BN")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "Test accuracy vs BN batch size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, out)
+
+
+def best_by_batch(rows):
+    """{m: best test accuracy over eta_tilde (median over seeds)}."""
+    best = {}
+    for m, group in _by(rows, "batch_size").items():
+        per_lr = _by(group, "log2_base_lr")
+        best[m] = max(_median([r["test_accuracy"] for r in g]) for g in per_lr.values())
+    return best
+
+
+def lr_range_by_batch(rows, tolerance):
+    """{m: (min, max) log2 eta_tilde whose accuracy is within `tolerance` of the best}.
+
+    The best is the experiment's best over all (m, eta_tilde), as in the paper's Fig. 16.
+    """
+    per_point = {(m, lr): _median([r["test_accuracy"] for r in g])
+                 for m, by_m in _by(rows, "batch_size").items()
+                 for lr, g in _by(by_m, "log2_base_lr").items()}
+    best = max(per_point.values())
+    ranges = {}
+    for (m, lr), acc in per_point.items():
+        if acc >= best - tolerance:
+            lo, hi = ranges.get(m, (lr, lr))
+            ranges[m] = (min(lo, lr), max(hi, lr))
+    return dict(sorted(ranges.items()))
+
+
+def plot_best(experiments, out, title=""):
+    """Best test accuracy vs m, one line per experiment (paper Fig. 15)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    all_m = []
+    for label, rows in experiments.items():
+        best = best_by_batch(rows)
+        all_m += list(best)
+        ax.plot([math.log2(m) for m in best], [v * 100 for v in best.values()], marker="o",
+                label=label)
+    _pow2_ticks(ax, [math.log2(m) for m in all_m])
+    ax.set_xlabel("batch size m")
+    ax.set_ylabel("best test accuracy (%)")
+    ax.set_title(title or "Best test accuracy vs batch size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, out)
+
+
+def plot_range(experiments, out, tolerance, title=""):
+    """Range of eta_tilde within `tolerance` of the best, vs m (paper Fig. 16)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    n = len(experiments)
+    all_m, all_lr = [], []
+    for i, (label, rows) in enumerate(experiments.items()):
+        ranges = lr_range_by_batch(rows, tolerance)
+        offset = (i - (n - 1) / 2) * 0.12
+        xs = [math.log2(m) + offset for m in ranges]
+        lows = [lo for lo, _ in ranges.values()]
+        highs = [hi for _, hi in ranges.values()]
+        ax.vlines(xs, lows, highs, lw=4, label=label, color=f"C{i}")
+        all_m += list(ranges)
+        all_lr += lows + highs
+    _pow2_ticks(ax, [math.log2(m) for m in all_m])
+    _pow2_ticks(ax, all_lr, axis="y")
+    ax.set_xlabel("batch size m")
+    ax.set_ylabel(r"$\tilde\eta$ within " + f"{tolerance * 100:g}% of the best")
+    ax.set_title(title or "Range of base learning rates that converge well")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, out)
+
+
+def plot_curves(runs, out, title=""):
+    """Test accuracy and train loss per epoch for chosen runs (paper Fig. 4)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for run_dir in runs:
+        rows = results.read_csv(os.path.join(run_dir, results.HISTORY_FILE))
+        epochs = [r["epoch"] for r in rows]
+        label = os.path.basename(os.path.normpath(run_dir))
+        left.plot(epochs, [r["test_accuracy"] * 100 for r in rows], label=label)
+        right.plot(epochs, [r["train_loss"] for r in rows], label=label)
+    left.set_ylabel("test accuracy (%)")
+    right.set_ylabel("train loss")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "Convergence curves")
+    return _finish(fig, out)
+
+
+# ---------------------------------------------------------------------- command line
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Only when run as a script, so importing this module defines no global flags."""
+    flags.DEFINE_enum("kind", "lr", KINDS, "Which figure.")
+    flags.DEFINE_list("results", [], "Sweep output directories (holding results.csv).")
+    flags.DEFINE_list("labels", [], "Legend labels for --results (default: directory names).")
+    flags.DEFINE_list("runs", [], "--kind=curves: run directories (holding history.csv).")
+    flags.DEFINE_float("tolerance", 0.01, "--kind=range: accuracy tolerance below the best "
+                       "(a fraction: 0.01 = 1 percentage point).")
+    flags.DEFINE_string("title", "", "Figure title.")
+    flags.DEFINE_string("out", "", "Output path without extension.")
+
+
+def main(argv):
+    del argv
+    first = (FLAGS.results or FLAGS.runs or ["."])[0]
+    out = FLAGS.out or os.path.join(first, f"fig_{FLAGS.kind}")
+    if FLAGS.kind == "curves":
+        if not FLAGS.runs:
+            raise app.UsageError("--kind=curves needs --runs=DIR[,DIR...]")
+        paths = plot_curves(FLAGS.runs, out, FLAGS.title)
+    else:
+        if not FLAGS.results:
+            raise app.UsageError(f"--kind={FLAGS.kind} needs --results=DIR[,DIR...]")
+        labels = FLAGS.labels or [os.path.basename(os.path.normpath(d)) for d in FLAGS.results]
+        if len(labels) != len(FLAGS.results):
+            raise app.UsageError("--labels needs one label per --results directory")
+        experiments = {label: load_rows(d) for label, d in zip(labels, FLAGS.results)}
+        if FLAGS.kind == "lr":
+            paths = plot_lr(experiments[labels[0]], out, FLAGS.title)
+        elif FLAGS.kind == "bn":
+            paths = plot_bn(experiments[labels[0]], out, FLAGS.title)
+        elif FLAGS.kind == "best":
+            paths = plot_best(experiments, out, FLAGS.title)
+        else:
+            paths = plot_range(experiments, out, FLAGS.tolerance, FLAGS.title)
+    print("\n".join(paths))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
