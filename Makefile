@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CIFAR10_DIR ?= $(abspath ../shared/data/cifar10-subset)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-all demo figure clean
+.PHONY: install test test-all demo figure bench clean
 
 install: $(STAMP)
 
@@ -49,6 +49,17 @@ figure: $(STAMP)
 	        --out=runs/fig$(FIG2)/fig_curves, \
 	    $(PY) -m tools.figures --kind=$(FIG_KIND) --results=runs/fig$(FIG2) --title="Fig. $(FIG)")
 	$(PY) -m tools.table --results=runs/fig$(FIG2)
+
+# Throughput against stock Keras fit, PyTorch (installed here as an optional extra) and the
+# arithmetic limit: make bench [BENCH_FLAGS="--models=resnet8,resnet20 --norms=none,batch"]
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_FLAGS ?=
+$(BENCH_STAMP): requirements-bench.txt $(STAMP)
+	$(VENV)/bin/pip install --quiet -r requirements-bench.txt
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m tools.bench --out=runs/bench $(BENCH_FLAGS)
 
 clean:
 	rm -rf runs

@@ -13,6 +13,7 @@ from sbt_keras import data
 from sbt_keras.errors import ConfigError
 
 STRATEGIES = ("default", "mirrored")
+PRECISIONS = ("float32", "mixed_bfloat16")
 WEIGHT_DECAY_SCOPES = ("kernels", "all")
 # Kept in sync with models.MODELS / layers.NORMS by tests; listed here so that validation
 # does not need TensorFlow.
@@ -69,7 +70,8 @@ class Config:
     seed: int = 0
     deterministic: bool = False
     strategy: str = "default"
-    steps_per_execution: int = 1
+    precision: str = "float32"  # mixed_bfloat16: bf16 compute, float32 weights and loss
+    steps_per_execution: int = 0  # 0: auto, the largest divisor of the epoch's steps <= 32
     jit_compile: bool = False
 
     # ------------------------------------------------------------------ resolution
@@ -79,6 +81,7 @@ class Config:
         _choose("model", c.model, MODEL_NAMES)
         _choose("norm", c.norm, NORM_NAMES)
         _choose("strategy", c.strategy, STRATEGIES)
+        _choose("precision", c.precision, PRECISIONS)
         _choose("weight_decay_on", c.weight_decay_on, WEIGHT_DECAY_SCOPES)
         info = self.data_info()  # validates dataset name, cifar_dir contents and caps
 
@@ -98,7 +101,6 @@ class Config:
         _positive("batch_size", c.batch_size)
         _positive("epochs", c.epochs)
         _positive("eval_batch_size", c.eval_batch_size)
-        _positive("steps_per_execution", c.steps_per_execution)
         _positive("median_of", c.median_of)
         if c.batch_size > info.num_train:
             raise ConfigError(f"--batch_size={c.batch_size} is larger than the "
@@ -143,6 +145,8 @@ class Config:
         if c.checkpoint_every_steps < 0:
             raise ConfigError(f"--checkpoint_every_steps={c.checkpoint_every_steps} must be "
                               f">= 0")
+        steps_per_execution = _steps_per_execution(
+            c.steps_per_execution, info.num_train // c.batch_size, c.checkpoint_every_steps)
         if c.histogram_freq < 0:
             raise ConfigError(f"--histogram_freq={c.histogram_freq} must be >= 0")
         if not c.output_dir:
@@ -150,6 +154,7 @@ class Config:
         return dataclasses.replace(
             c, base_lr=float(base_lr), log2_base_lr=math.log2(base_lr),
             weight_decay=float(weight_decay), bn_batch_size=bn_batch_size,
+            steps_per_execution=steps_per_execution,
             lr_decay_fractions=fractions, lr_decay_epochs=decay_epochs)
 
     def data_info(self) -> "data.DataInfo":
@@ -192,6 +197,28 @@ class Config:
             raise ConfigError(f"unknown config keys {unknown}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
+
+
+MAX_AUTO_STEPS_PER_EXECUTION = 32
+
+
+def _steps_per_execution(requested, steps_per_epoch, checkpoint_every):
+    """Keras runs whole blocks of steps: a block must not cross an epoch end or a
+    checkpoint, so it must divide both. 0 picks the largest such block up to 32 (fewer
+    host round trips; batch-level checks then run once per block)."""
+    period = math.gcd(steps_per_epoch, checkpoint_every) if checkpoint_every else steps_per_epoch
+    if requested == 0:
+        return max(d for d in range(1, min(period, MAX_AUTO_STEPS_PER_EXECUTION) + 1)
+                   if period % d == 0)
+    if requested < 0:
+        raise ConfigError(f"--steps_per_execution={requested} must be >= 1 (or 0 for auto)")
+    if steps_per_epoch % requested:
+        raise ConfigError(f"--steps_per_execution={requested} does not divide the "
+                          f"{steps_per_epoch} steps per epoch; use a divisor or 0 (auto)")
+    if checkpoint_every % requested:
+        raise ConfigError(f"--steps_per_execution={requested} does not divide "
+                          f"--checkpoint_every_steps={checkpoint_every}; use a divisor")
+    return requested
 
 
 def _choose(flag, value, choices):

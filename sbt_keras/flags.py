@@ -7,7 +7,7 @@ import dataclasses
 
 from absl import flags
 
-from sbt_keras.config import (Config, MODEL_NAMES, NORM_NAMES, STRATEGIES,
+from sbt_keras.config import (Config, MODEL_NAMES, NORM_NAMES, PRECISIONS, STRATEGIES,
                               WEIGHT_DECAY_SCOPES)
 from sbt_keras.data import DATASETS
 from sbt_keras.errors import ConfigError
@@ -114,8 +114,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                          flag_values=fv)
     flags.DEFINE_enum("strategy", _D.strategy, STRATEGIES, "tf.distribute strategy.",
                       flag_values=fv)
+    flags.DEFINE_enum("precision", _D.precision, PRECISIONS,
+                      "mixed_bfloat16 computes in bfloat16 on GPU/TPU; weights, loss, "
+                      "gradients and BN statistics stay float32.", flag_values=fv)
     flags.DEFINE_integer("steps_per_execution", _D.steps_per_execution,
-                         "Training steps per compiled call.", flag_values=fv)
+                         "Training steps per compiled call; must divide the steps per epoch "
+                         "(0 = auto: the largest divisor up to 32).", flag_values=fv)
     flags.DEFINE_boolean("jit_compile", _D.jit_compile, "Compile the train step with XLA.",
                          flag_values=fv)
 

@@ -86,6 +86,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         mean, std = augment.channel_stats(splits.train.images)
 
         # -------------------------------------------------------------- Model & optimizer
+        keras.mixed_precision.set_global_policy(cfg.precision)  # reset in `finally`
         with strategy.scope():
             network = models.build(
                 cfg.model, input_shape=info.image_shape, num_classes=info.num_classes,
@@ -107,6 +108,10 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                                              max_to_keep=3)
         start_step = restore_latest(manager, checkpoint, model)
         initial_epoch, skip = divmod(start_step, steps_per_epoch)
+        if skip % cfg.steps_per_execution:
+            raise ConfigError(f"the checkpoint is at step {start_step}, inside a block of "
+                              f"--steps_per_execution={cfg.steps_per_execution}; resume with "
+                              f"a divisor of {skip}")
         history = read_history(out)[:initial_epoch]  # rows after the checkpoint are redone
         if start_step:
             logging.info("Resuming %s at epoch %d, step %d.", out, initial_epoch, start_step)
@@ -157,6 +162,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         results.write_yaml(os.path.join(out, results.RESULT_FILE),
                            {"status": status, "error": f"{type(error).__name__}: {error}"})
         raise
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     results.write_yaml(os.path.join(out, results.RESULT_FILE), result)
     logging.info("%s: %s, test accuracy (median of final %d) %.4f", out, result["status"],
                  cfg.median_of, result["test_accuracy"])

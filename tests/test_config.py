@@ -85,6 +85,20 @@ def test_unknown_names_list_the_valid_ones(field, value):
         cfg.resolve()
 
 
+def test_steps_per_execution_auto_and_checks():
+    # 1024 synthetic examples / m=8 = 128 steps per epoch.
+    base = dict(dataset="synthetic", base_lr=0.1, batch_size=8)
+    assert Config(**base).resolve().steps_per_execution == 32
+    assert Config(**base, checkpoint_every_steps=12).resolve().steps_per_execution == 4
+    # 1024 // 24 = 42 steps per epoch: divisors 1, 2, 3, 6, 7, 14, 21 (, 42 > 32).
+    assert Config(**{**base, "batch_size": 24}).resolve().steps_per_execution == 21
+    assert Config(**base, steps_per_execution=16).resolve().steps_per_execution == 16
+    with pytest.raises(ConfigError, match="--steps_per_execution=5 does not divide the 128"):
+        Config(**base, steps_per_execution=5).resolve()
+    with pytest.raises(ConfigError, match="does not divide --checkpoint_every_steps=12"):
+        Config(**base, steps_per_execution=8, checkpoint_every_steps=12).resolve()
+
+
 def test_replica_divisibility():
     cfg = Config(dataset="synthetic", base_lr=0.1, batch_size=8, bn_batch_size=4).resolve()
     cfg.check_replicas(2)  # per-replica 4, divisible by 4

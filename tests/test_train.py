@@ -69,6 +69,12 @@ def test_learns_on_synthetic_data(tmp_path):
     assert result["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
 
 
+def test_mixed_bfloat16_trains_with_float32_weights(tmp_path):
+    result = train(tiny(tmp_path, epochs=2, precision="mixed_bfloat16", median_of=1))
+    assert result["status"] == "completed"
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
+
+
 def test_rerun_returns_the_finished_result(tmp_path):
     cfg = tiny(tmp_path, epochs=2)
     first = train(cfg)

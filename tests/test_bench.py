@@ -1,0 +1,23 @@
+"""The benchmark tool: a 2-step smoke run, and its FLOP count against published numbers."""
+import pytest
+
+from sbt_keras import models
+from tools import bench
+
+
+@pytest.mark.parametrize("name,published_macs", [("resnet20", 40.8e6), ("resnet32", 69.1e6)])
+def test_flop_count_matches_published_forward_cost(name, published_macs):
+    net = models.build(name, input_shape=(32, 32, 3), num_classes=10, norm="batch")
+    macs = bench.training_flops_per_example(net) / 6  # training = 3 x forward, 2 FLOPs/MAC
+    assert macs == pytest.approx(published_macs, rel=0.02)
+
+
+def test_smoke_two_steps():
+    rows, device = bench.run(["resnet8"], ["batch"], [2], steps=2, repeats=1,
+                             baselines=("fit",), input_pipeline=True, shape=(8, 8, 3))
+    (row,) = rows
+    for key in ("sbt_ms", "fit_ms", "speedup_vs_fit", "limit_fraction", "pipeline_vs_step",
+                "host_rss_mb"):
+        assert row[key] > 0, key
+    text = bench.markdown(rows, device)
+    assert "| resnet8 | batch | 2 |" in text

@@ -1,0 +1,253 @@
+"""Training throughput of the real sbt_keras train step, side by side with its peers.
+
+    make bench                                   # ResNet-20 + BN, m = 2, 8, 32, 128, 512
+    python -m tools.bench --models=resnet8,resnet20,resnet32,alexnet_reduced \\
+        --norms=none,batch --batch_sizes=2,8,32 --out=runs/bench
+
+For every (model, norm, m), in one process on whatever device is present:
+  sbt      SummedGradientModel.fit on in-memory synthetic data, with the run defaults
+  fit      the same network with stock compile/fit and keras.optimizers.SGD (the naive
+           baseline: steps_per_execution=1, jit_compile="auto")
+  torch    an equivalent PyTorch loop (ResNets only; when torch is installed)
+  limit    training FLOPs per example x sbt examples/s, as a fraction of the device's
+           measured float32 matmul peak
+Each number is the median of --repeats timed blocks of --steps steps, after a warm-up block
+(tracing and compilation excluded). Also: the input pipeline's examples/s with augmentation,
+and host / device memory after each measurement. Writes bench.md and bench.json to --out.
+"""
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from sbt_keras import models, results  # noqa: E402
+from sbt_keras.data import Arrays, pipeline  # noqa: E402
+from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_list("models", ["resnet20"], "Models to time.")
+    flags.DEFINE_list("norms", ["batch"], "Norms to time (none, batch).")
+    flags.DEFINE_list("batch_sizes", ["2", "8", "32", "128", "512"], "Batch sizes m.")
+    flags.DEFINE_integer("bn_batch_size", 0, "Sub-batch BN group size (0 = whole batch).")
+    flags.DEFINE_integer("steps", 20, "Steps per timed block.")
+    flags.DEFINE_integer("repeats", 3, "Timed blocks; the median is reported.")
+    flags.DEFINE_integer("steps_per_execution", 0, "sbt steps per graph call (0 = --steps).")
+    flags.DEFINE_boolean("jit_compile", False, "Compile the sbt step with XLA.")
+    flags.DEFINE_list("baselines", ["fit", "torch"], "Peers to time beside sbt.")
+    flags.DEFINE_boolean("input_pipeline", True, "Also time the augmenting input pipeline.")
+    flags.DEFINE_string("out", "runs/bench", "Where bench.md and bench.json go.")
+
+
+# ---------------------------------------------------------------------- measurements
+class _BlockTimer(keras.callbacks.Callback):
+    """Seconds per epoch; each epoch is one timed block (the first one is the warm-up)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _data(m, shape, classes=10):
+    rng = np.random.RandomState(0)
+    x = tf.constant(rng.randn(m, *shape).astype(np.float32))
+    y = tf.constant(rng.randint(0, classes, m).astype(np.int32))
+    return tf.data.Dataset.from_tensors((x, y)).repeat()
+
+
+def _fit_seconds_per_step(model, m, shape, steps, repeats):
+    timer = _BlockTimer()
+    model.fit(_data(m, shape), epochs=repeats + 1, steps_per_epoch=steps, verbose=0,
+              shuffle=False, callbacks=[timer])
+    return statistics.median(timer.seconds[1:]) / steps
+
+
+def _network(name, norm, m, bn_batch_size, shape):
+    keras.utils.set_random_seed(0)
+    return models.build(name, input_shape=shape, num_classes=10, norm=norm,
+                        bn_batch_size=(bn_batch_size or m) if norm == "batch" else None)
+
+
+def time_sbt(name, norm, m, shape, bn_batch_size, steps, repeats, spe, jit):
+    net = _network(name, norm, m, bn_batch_size, shape)
+    model = SummedGradientModel(net, models.DEFAULT_WEIGHT_DECAY[name],
+                                models.decayed_variables(net))
+    model.compile(optimizer=build_optimizer(2.0 ** -8), steps_per_execution=spe or steps,
+                  jit_compile=jit)
+    return _fit_seconds_per_step(model, m, shape, steps, repeats), net
+
+
+def time_stock_fit(name, norm, m, shape, steps, repeats):
+    net = _network(name, norm, m, 0, shape)
+    net.compile(optimizer=keras.optimizers.SGD(m * 2.0 ** -8),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+    return _fit_seconds_per_step(net, m, shape, steps, repeats)
+
+
+def time_torch(name, norm, m, shape, steps, repeats):
+    if not name.startswith("resnet"):
+        return None
+    try:
+        import torch
+        from tools import torch_baseline
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count())
+    depth = int(name[len("resnet"):])
+    return statistics.median(torch_baseline.step_times(depth, norm == "batch", m, steps,
+                                                       repeats, image_size=shape[0]))
+
+
+def training_flops_per_example(net):
+    """2 FLOPs per multiply-add, forward MACs from the layer shapes, training = 3x forward."""
+    macs = 0
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, h, w, c_out = layer.output.shape
+            kh, kw = layer.kernel_size
+            macs += h * w * kh * kw * layer.input.shape[-1] * c_out
+        elif isinstance(layer, keras.layers.Dense):
+            macs += layer.input.shape[-1] * layer.units
+    return 3 * 2 * macs
+
+
+def matmul_peak_flops(n=2048, repeats=5):
+    """The device's float32 matmul rate: the arithmetic limit the model is measured against."""
+    a = tf.random.normal([n, n])
+    b = tf.random.normal([n, n])
+    matmul = tf.function(lambda a, b: tf.matmul(a, b))
+    matmul(a, b).numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).numpy()
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def pipeline_examples_per_second(m, shape, batches=50):
+    """Examples/s the augmenting tf.data pipeline delivers (CIFAR-sized, in memory)."""
+    n = max(m * batches, 5000)
+    rng = np.random.RandomState(0)
+    arrays = Arrays(rng.randint(0, 256, (n, *shape)).astype(np.uint8),
+                    rng.randint(0, 10, n).astype(np.int32))
+    ds = pipeline.train_dataset(arrays, batch_size=m, seed=0, epochs=100, augment=True,
+                                mean=np.zeros(3, np.float32), std=np.ones(3, np.float32))
+    iterator = iter(ds)
+    for _ in range(5):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * m / (time.perf_counter() - start)
+
+
+def _memory():
+    out = {"host_rss_mb": psutil.Process().memory_info().rss / 2 ** 20}
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        out["device_peak_mb"] = tf.config.experimental.get_memory_info(gpus[0].name)["peak"] / 2 ** 20
+        tf.config.experimental.reset_memory_stats(gpus[0].name)
+    return out
+
+
+# ---------------------------------------------------------------------- report
+def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3, spe=0,
+        jit=False, baselines=("fit", "torch"), input_pipeline=True, shape=(32, 32, 3)):
+    """All measurements as a list of dict rows, plus the device description."""
+    peak = matmul_peak_flops()
+    rows = []
+    for name in model_names:
+        for norm in norms:
+            for m in batch_sizes:
+                sbt, net = time_sbt(name, norm, m, shape, bn_batch_size, steps, repeats, spe,
+                                    jit)
+                row = {"model": name, "norm": norm, "m": m, "sbt_ms": sbt * 1e3,
+                       "sbt_examples_per_s": m / sbt}
+                row["limit_fraction"] = (training_flops_per_example(net) * m / sbt) / peak
+                if "fit" in baselines:
+                    fit = time_stock_fit(name, norm, m, shape, steps, repeats)
+                    row.update(fit_ms=fit * 1e3, speedup_vs_fit=fit / sbt)
+                if "torch" in baselines:
+                    torch_s = time_torch(name, norm, m, shape, steps, repeats)
+                    if torch_s is not None:
+                        row.update(torch_ms=torch_s * 1e3, speedup_vs_torch=torch_s / sbt)
+                if input_pipeline:
+                    rate = pipeline_examples_per_second(m, shape)
+                    row.update(pipeline_examples_per_s=rate,
+                               pipeline_vs_step=rate / row["sbt_examples_per_s"])
+                row.update(_memory())
+                rows.append(row)
+                print(_format_row(row), flush=True)
+    device = {"platform": platform.platform(), "cpus": os.cpu_count(),
+              "gpus": [d.name for d in tf.config.list_logical_devices("GPU")],
+              "matmul_peak_gflops": peak / 1e9, "tensorflow": tf.__version__,
+              "keras": keras.__version__, "steps": steps, "repeats": repeats,
+              "steps_per_execution": spe or steps, "jit_compile": jit}
+    return rows, device
+
+
+COLUMNS = [("model", "model", "{}"), ("norm", "norm", "{}"), ("m", "m", "{}"),
+           ("sbt_ms", "sbt ms/step", "{:.2f}"), ("sbt_examples_per_s", "sbt ex/s", "{:.0f}"),
+           ("fit_ms", "fit ms/step", "{:.2f}"), ("speedup_vs_fit", "× fit", "{:.2f}"),
+           ("torch_ms", "torch ms/step", "{:.2f}"), ("speedup_vs_torch", "× torch", "{:.2f}"),
+           ("limit_fraction", "% of limit", "{:.1%}"),
+           ("pipeline_vs_step", "pipeline ÷ step", "{:.1f}"),
+           ("host_rss_mb", "host MB", "{:.0f}"), ("device_peak_mb", "device MB", "{:.0f}")]
+
+
+def _format_row(row):
+    return "  ".join(f"{title}={fmt.format(row[key])}" for key, title, fmt in COLUMNS
+                     if key in row)
+
+
+def markdown(rows, device):
+    keys = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = [f"Device: {device['cpus']} CPUs, GPUs {device['gpus'] or 'none'}, float32 matmul "
+             f"peak {device['matmul_peak_gflops']:.0f} GFLOP/s; TF {device['tensorflow']}, "
+             f"Keras {device['keras']}; median of {device['repeats']} blocks of "
+             f"{device['steps']} steps; sbt steps_per_execution={device['steps_per_execution']}"
+             f", jit_compile={device['jit_compile']}.", "",
+             "| " + " | ".join(t for _, t, _ in keys) + " |",
+             "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f.format(r[k]) if k in r else "—" for k, _, f in keys)
+                     + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    rows, device = run(FLAGS.models, FLAGS.norms, [int(m) for m in FLAGS.batch_sizes],
+                       bn_batch_size=FLAGS.bn_batch_size, steps=FLAGS.steps,
+                       repeats=FLAGS.repeats, spe=FLAGS.steps_per_execution,
+                       jit=FLAGS.jit_compile, baselines=FLAGS.baselines,
+                       input_pipeline=FLAGS.input_pipeline)
+    text = markdown(rows, device)
+    results.write_text_atomic(os.path.join(FLAGS.out, "bench.md"), text + "\n")
+    results.write_text_atomic(os.path.join(FLAGS.out, "bench.json"),
+                              json.dumps({"device": device, "rows": rows}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
