@@ -161,7 +161,7 @@ class Grid:
 def best_lr_by_batch(results_dir):
     """{batch_size: log2 eta_tilde with the best median-of-final test accuracy}."""
     path = os.path.join(results_dir, "results.csv")
-    if not os.path.exists(path):
+    if not results.exists(path):
         raise ConfigError(f"--grid_best_lr_from={results_dir} has no results.csv; point it at "
                           f"a finished sweep's --output_dir")
     best = {}

@@ -1,8 +1,9 @@
 """Reading and writing run records: config.yaml, history.csv, result.yaml.
 
-Every write goes to a temporary file in the same directory followed by `os.replace`, so a
-reader (or a killed writer) never sees a half-written file. TensorFlow-free, so tools that
-only read results start fast.
+Every write goes to a temporary file in the same directory followed by a rename, so a
+reader (or a killed writer) never sees a half-written file. Local paths use `os` (no
+TensorFlow import, so tools that only read results start fast); URL paths (gs://, and
+ram:// in tests) go through `tf.io.gfile`, like the checkpoints and TensorBoard logs.
 """
 import csv
 import io
@@ -20,8 +21,44 @@ HISTORY_COLUMNS = ("epoch", "step", "learning_rate", "base_lr", "train_loss",
                    "train_accuracy", "test_loss", "test_accuracy", "wall_seconds")
 
 
+def is_url(path):
+    return "://" in str(path)
+
+
+def _gfile():
+    import tensorflow as tf
+    return tf.io.gfile
+
+
+def exists(path):
+    return _gfile().exists(path) if is_url(path) else os.path.exists(path)
+
+
+def isdir(path):
+    return _gfile().isdir(path) if is_url(path) else os.path.isdir(path)
+
+
+def listdir(path):
+    if is_url(path):  # object stores may list sub-directories as "name/"
+        return [name.rstrip("/") for name in _gfile().listdir(path)]
+    return os.listdir(path)
+
+
+def open_text(path, mode="r"):
+    return _gfile().GFile(path, mode) if is_url(path) else open(path, mode, newline="")
+
+
 def write_text_atomic(path, text):
     """Writes `text` to `path` via a same-directory temp file and an atomic rename."""
+    if is_url(path):
+        gfile = _gfile()
+        directory, name = path.rsplit("/", 1)
+        gfile.makedirs(directory)
+        tmp = f"{directory}/.tmp-{os.getpid()}-{name}"
+        with gfile.GFile(tmp, "w") as f:
+            f.write(text)
+        gfile.rename(tmp, path, overwrite=True)  # atomic on local and object stores
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -42,8 +79,8 @@ def write_yaml(path, obj):
 
 
 def read_yaml(path):
-    with open(path) as f:
-        return yaml.safe_load(f)
+    with open_text(path) as f:
+        return yaml.safe_load(f.read())
 
 
 def write_csv(path, rows, columns):
@@ -58,8 +95,9 @@ def write_csv(path, rows, columns):
 
 def read_csv(path):
     """Rows as dicts of floats where a value parses as a number, else strings."""
-    with open(path, newline="") as f:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    with open_text(path) as f:
+        rows = csv.DictReader(io.StringIO(f.read()))
+        return [{k: _number(v) for k, v in row.items()} for row in rows]
 
 
 def _number(text):

@@ -100,10 +100,10 @@ def _check_sweep_dir(base, grid, skipped):
     path = os.path.join(out, SWEEP_FILE)
     mine = _comparable(base, grid)
     union = grid.as_dict()
-    if os.path.exists(os.path.join(out, results.CONFIG_FILE)):
+    if results.exists(os.path.join(out, results.CONFIG_FILE)):
         raise ConfigError(f"--output_dir={out} holds a single run, not a sweep; choose "
                           f"another --output_dir")
-    if os.path.exists(path):
+    if results.exists(path):
         stored = results.read_yaml(path) or {}
         theirs = stored.get("base", {})
         different = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -136,11 +136,11 @@ def write_results(output_dir):
     """Rebuilds results.csv/.yaml from the trial directories (and skipped points)."""
     rows = []
     trials = os.path.join(output_dir, TRIALS_DIR)
-    for name in sorted(os.listdir(trials)) if os.path.isdir(trials) else []:
+    for name in sorted(results.listdir(trials)) if results.isdir(trials) else []:
         directory = os.path.join(trials, name)
         config_path = os.path.join(directory, results.CONFIG_FILE)
         result_path = os.path.join(directory, results.RESULT_FILE)
-        if not (os.path.exists(config_path) and os.path.exists(result_path)):
+        if not (results.exists(config_path) and results.exists(result_path)):
             continue
         cfg = results.read_yaml(config_path)
         result = results.read_yaml(result_path) or {}
@@ -151,7 +151,7 @@ def write_results(output_dir):
         rows.append(row)
     sweep_path = os.path.join(output_dir, SWEEP_FILE)
     skipped = (results.read_yaml(sweep_path) or {}).get("skipped", {}) \
-        if os.path.exists(sweep_path) else {}
+        if results.exists(sweep_path) else {}
     for name, info in sorted(skipped.items()):
         rows.append({"trial": name, "status": "skipped", **info})
     rows.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in grid_lib.AXES))

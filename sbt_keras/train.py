@@ -224,7 +224,7 @@ def check_output_dir(cfg):
     Raises ConfigError if the directory holds a different run.
     """
     path = os.path.join(cfg.output_dir, results.CONFIG_FILE)
-    if not os.path.exists(path):
+    if not results.exists(path):
         return None
     stored = results.read_yaml(path) or {}
     mine = cfg.to_dict()
@@ -235,7 +235,7 @@ def check_output_dir(cfg):
         raise ConfigError(f"--output_dir={cfg.output_dir} holds a different run ({shown}); "
                           f"choose a new --output_dir or delete the old one")
     result_path = os.path.join(cfg.output_dir, results.RESULT_FILE)
-    if os.path.exists(result_path):
+    if results.exists(result_path):
         result = results.read_yaml(result_path) or {}
         if result.get("status") in ("completed", "diverged"):
             return result
@@ -254,7 +254,7 @@ def write_config(cfg, derived):
 
 def read_history(output_dir):
     path = os.path.join(output_dir, results.HISTORY_FILE)
-    return results.read_csv(path) if os.path.exists(path) else []
+    return results.read_csv(path) if results.exists(path) else []
 
 
 def hparams_of(cfg):

@@ -142,3 +142,21 @@ def test_cli_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert yaml.safe_load((out / "result.yaml").read_text())["status"] == "completed"
     assert "epoch 2/2" in proc.stderr
+
+
+def test_records_and_checkpoints_on_a_url_filesystem(tmp_path):
+    # TF's in-memory ram:// filesystem stands in for gs://: every record, checkpoint and
+    # TensorBoard file goes through tf.io.gfile, and an interrupted run resumes from it.
+    url = f"ram://sbt{abs(hash(str(tmp_path)))}/run"
+    reference = train(tiny(tmp_path, "local", epochs=4))
+    cfg = tiny(tmp_path, epochs=4, output_dir=url)
+    with pytest.raises(_Interrupt):
+        train(cfg, extra_callbacks=[_StopAfterEpoch(2)])
+    assert results.read_yaml(f"{url}/result.yaml")["status"] == "failed"
+    resumed = train(cfg)
+    assert resumed["status"] == "completed"
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    assert [r["epoch"] for r in results.read_csv(f"{url}/history.csv")] == [1, 2, 3, 4]
+    assert results.exists(f"{url}/checkpoints/checkpoint")
+    assert not pathlib.Path("ram:").exists()  # nothing was written to a local "ram:" dir
+    assert train(cfg) == resumed  # finished: read back from the URL, not retrained
