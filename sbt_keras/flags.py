@@ -139,6 +139,9 @@ def define_sweep_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         "A finished sweep's output_dir: each point uses the log2 base learning "
                         "rate that was best for its batch size there (paper Fig. 13-14).",
                         flag_values=fv)
+    flags.DEFINE_integer("sweep_workers", 1,
+                         "Run this many trials at once on this machine (keras-tuner chief + N "
+                         "worker processes; GPU memory grows as needed).", flag_values=fv)
     flags.DEFINE_integer("seeds", 1, "Repeat every grid point with seeds --seed, --seed+1, "
                          "...; more than 1 makes the seed a grid axis.", flag_values=fv)
 

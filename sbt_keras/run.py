@@ -35,6 +35,8 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
     try:
+        if FLAGS.sweep_workers < 1:
+            raise ConfigError(f"--sweep_workers={FLAGS.sweep_workers} must be >= 1")
         base = run_flags.config_from_flags(FLAGS)
         grid = grid_lib.Grid.from_flags(base, run_flags.grid_texts_from_flags(FLAGS),
                                         FLAGS.seeds, FLAGS.grid_best_lr_from)
@@ -43,6 +45,9 @@ def main(argv):
         else:
             base = base.resolve()
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+        if grid and FLAGS.sweep_workers > 1 and "KERASTUNER_TUNER_ID" not in os.environ:
+            from sbt_keras.sweep import run_local_workers
+            sys.exit(run_local_workers(sys.argv, FLAGS.sweep_workers))
         if grid:
             from sbt_keras.sweep import run_sweep
             run_sweep(base, grid)

@@ -1,5 +1,9 @@
 """A resumable keras-tuner grid over (m, eta_tilde, bn batch size, epochs, seed).
 
+Distributed: with KERASTUNER_TUNER_ID / KERASTUNER_ORACLE_IP / KERASTUNER_ORACLE_PORT set,
+keras-tuner's chief process serves the grid and every worker process (another machine, or
+another process on the same GPU) runs the trials it is handed; all share one output_dir.
+
 Layout of a sweep's output_dir:
   sweep.yaml            the base config, the grid (union over extensions), skipped points
   results.csv / .yaml   one row per point, rewritten atomically after every trial
@@ -19,6 +23,7 @@ import os
 
 import keras_tuner
 from absl import logging
+from keras_tuner.src.distribute import utils as dist_utils
 from keras_tuner.src.tuners import gridsearch
 
 from sbt_keras import grid as grid_lib
@@ -39,13 +44,17 @@ RESULT_COLUMNS = ("trial", "batch_size", "log2_base_lr", "base_lr", "bn_batch_si
 def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
     """Runs every valid point of `grid` (skipping finished ones); returns the result rows."""
     out = base.output_dir
+    distributed = dist_utils.has_chief_oracle()
+    if distributed:
+        _share_devices()
     valid, skipped = grid_lib.split_points(base, grid, lambda p: trial_dir(out, p))
     sweep_grid = _check_sweep_dir(base, grid, skipped)
     configs = {p.name: cfg for p, cfg in valid}
     skipped_names = {p.name: reason for p, reason in skipped}
     for name, reason in skipped_names.items():
         logging.warning("Skipping %s: %s", name, reason)
-    _write_hparams_config(out, sweep_grid)
+    if not distributed or dist_utils.is_chief_oracle():
+        _write_hparams_config(out, sweep_grid)
 
     hp = keras_tuner.HyperParameters()
     for field, values in grid.axes:  # best_lr is a function of batch_size, not an axis
@@ -64,6 +73,41 @@ def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
         project_name=_grid_hash(grid), overwrite=False)
     tuner.search(verbose=0)
     return write_results(out)
+
+
+def run_local_workers(argv, workers):
+    """Runs the same sweep command as a keras-tuner chief plus `workers` worker processes on
+    this machine (several trials at once on one device); returns the worst exit code."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for tuner_id in ["chief"] + [f"worker{i}" for i in range(workers)]:
+        env = {**os.environ, "KERASTUNER_TUNER_ID": tuner_id,
+               "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "sbt_keras.run", *argv[1:]],
+                                      env=env))
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:  # Ctrl-C or SIGTERM: stop the children too; re-run to resume
+        for p in procs:
+            p.terminate()
+        raise
+    return max(codes, key=abs)
+
+
+def _share_devices():
+    """Several worker processes on one GPU: allocate memory as needed, not all at once."""
+    import tensorflow as tf
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError as error:  # devices already initialised
+            logging.warning("Could not enable GPU memory growth: %s", error)
 
 
 def trial_dir(output_dir, point):

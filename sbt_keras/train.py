@@ -155,6 +155,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         result = summarize(recorder.rows, cfg, info.num_classes, divergence.diverged_at_step)
         result["examples_per_second"] = (session_steps * cfg.batch_size / session_seconds
                                          if session_seconds > 0 else 0.0)
+        if os.environ.get("KERASTUNER_TUNER_ID"):  # which sweep worker ran it
+            result["worker"] = os.environ["KERASTUNER_TUNER_ID"]
         recorder.write_final("median_test_accuracy", result["test_accuracy"],
                              result["epochs_completed"])
     except BaseException as error:  # record why it stopped, then let it propagate

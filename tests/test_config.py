@@ -149,6 +149,12 @@ def test_cli_bad_input_exits_2_with_one_line_before_tensorflow_loads(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_cli_sweep_workers_must_be_positive():
+    proc = _cli(SYNTH + ["--base_lr=0.1", "--grid_batch_size=4", "--sweep_workers=0"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --sweep_workers=0 must be >= 1"
+
+
 def test_cli_unknown_model_exits_nonzero():
     proc = _cli(["--model=vgg", "--base_lr=0.1"])
     assert proc.returncode != 0
