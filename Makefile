@@ -38,7 +38,7 @@ demo: $(STAMP)
 FIG ?= 8
 FIG2 := $(shell printf %02d $(FIG))
 DATA_FLAGS ?=
-FIG_KIND := $(if $(filter 04,$(FIG2)),curves,$(if $(filter 13,$(FIG2)),bn,lr))
+FIG_KIND := $(if $(filter 04,$(FIG2)),curves,$(if $(filter 13 14,$(FIG2)),bn,lr))
 figure: $(STAMP)
 	@test -f experiments/figures/fig$(FIG2).flags || \
 	    { echo "no experiments/figures/fig$(FIG2).flags; see the README's table"; exit 2; }

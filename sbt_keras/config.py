@@ -9,18 +9,20 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
-from sbt_keras import data
+import os
+
+from sbt_keras import data, distribute
 from sbt_keras.errors import ConfigError
 
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = distribute.STRATEGIES
 PRECISIONS = ("float32", "mixed_bfloat16")
 WEIGHT_DECAY_SCOPES = ("kernels", "all")
 # Kept in sync with models.MODELS / layers.NORMS by tests; listed here so that validation
 # does not need TensorFlow.
-MODEL_NAMES = ("alexnet_reduced", "resnet8", "resnet20", "resnet32")
+MODEL_NAMES = ("alexnet_reduced", "resnet8", "resnet20", "resnet32", "resnet50")
 NORM_NAMES = ("none", "batch", "group", "layer")
 DEFAULT_WEIGHT_DECAY = {"alexnet_reduced": 5e-4, "resnet8": 1e-4, "resnet20": 1e-4,
-                        "resnet32": 1e-4}
+                        "resnet32": 1e-4, "resnet50": 1e-4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,13 +33,14 @@ class Config:
     model: str = "resnet20"
     norm: str = "batch"
     norm_dense: bool = True
-    bn_batch_size: int = 0  # 0: the per-replica batch, i.e. ordinary BN.
+    bn_batch_size: int = 0  # 0: the per-replica batch, i.e. ordinary BN (see check_replicas)
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     # Data.
     dataset: str = "cifar10"
     cifar_dir: Optional[str] = None
     data_dir: Optional[str] = None
+    manual_dir: Optional[str] = None  # imagenet2012: where the ILSVRC2012 tars are
     download: bool = True
     augment: bool = False
     train_examples: int = 0  # 0: all.
@@ -63,13 +66,14 @@ class Config:
     median_of: int = 5
     divergence_factor: float = 0.0  # > 0: also diverged when loss > factor * initial loss
     checkpoint_every_steps: int = 0  # 0: checkpoint at epoch ends only
-    eval_batch_size: int = 500
+    eval_batch_size: int = 512  # a power of two: divisible by any replica count
     histogram_freq: int = 0
     output_dir: str = "runs/default"
     # Execution.
     seed: int = 0
     deterministic: bool = False
     strategy: str = "default"
+    tpu: str = ""  # --strategy=tpu: `local` on a TPU VM, a TPU name, or grpc://host:port
     precision: str = "float32"  # mixed_bfloat16: bf16 compute, float32 weights and loss
     steps_per_execution: int = 0  # 0: auto, the largest divisor of the epoch's steps <= 32
     jit_compile: bool = False
@@ -84,6 +88,19 @@ class Config:
         _choose("precision", c.precision, PRECISIONS)
         _choose("weight_decay_on", c.weight_decay_on, WEIGHT_DECAY_SCOPES)
         info = self.data_info()  # validates dataset name, cifar_dir contents and caps
+        if c.manual_dir and c.dataset != "imagenet2012":
+            raise ConfigError(f"--manual_dir only applies to --dataset=imagenet2012; drop it")
+        if c.dataset == "imagenet2012":
+            from sbt_keras.data import imagenet  # imports TensorFlow: only when asked for
+            imagenet.check_available(c.data_dir, c.manual_dir)
+        if c.tpu and c.strategy != "tpu":
+            raise ConfigError(f"--tpu={c.tpu} only applies to --strategy=tpu; set that or "
+                              f"drop --tpu")
+        if c.strategy == "tpu" and not c.tpu:
+            raise ConfigError("--strategy=tpu needs --tpu: `local` on a TPU VM, else the "
+                              "TPU's name or grpc://ADDRESS:8470")
+        if c.strategy == "multi_worker":
+            distribute.check_tf_config(os.environ.get("TF_CONFIG"))
 
         if c.base_lr is not None and c.log2_base_lr is not None:
             raise ConfigError("--base_lr and --log2_base_lr were both given; set only one")
@@ -109,13 +126,12 @@ class Config:
             raise ConfigError(f"--epochs={c.epochs} is fewer than the {c.median_of} final "
                               f"epochs whose median is reported; raise --epochs or lower "
                               f"--median_of")
-        bn_batch_size = c.bn_batch_size or c.batch_size
         if c.bn_batch_size < 0:
             raise ConfigError(f"--bn_batch_size={c.bn_batch_size} must be >= 1 (or 0 for "
                               f"the per-replica batch)")
-        if c.batch_size % bn_batch_size:
+        if c.bn_batch_size and c.batch_size % c.bn_batch_size:
             raise ConfigError(f"--batch_size={c.batch_size} is not divisible by "
-                              f"--bn_batch_size={bn_batch_size}; choose a divisor")
+                              f"--bn_batch_size={c.bn_batch_size}; choose a divisor")
         if c.bn_batch_size and c.norm != "batch":
             raise ConfigError(f"--bn_batch_size only applies to --norm=batch "
                               f"(got --norm={c.norm}); drop it")
@@ -153,7 +169,7 @@ class Config:
             raise ConfigError("--output_dir is empty; give a directory for the run's records")
         return dataclasses.replace(
             c, base_lr=float(base_lr), log2_base_lr=math.log2(base_lr),
-            weight_decay=float(weight_decay), bn_batch_size=bn_batch_size,
+            weight_decay=float(weight_decay),
             steps_per_execution=steps_per_execution,
             lr_decay_fractions=fractions, lr_decay_epochs=decay_epochs)
 
@@ -168,17 +184,24 @@ class Config:
             num_classes=self.num_classes, synthetic_train=self.synthetic_train,
             synthetic_test=self.synthetic_test)
 
-    def check_replicas(self, num_replicas: int) -> None:
-        """Divisibility that depends on the strategy's replica count."""
+    def check_replicas(self, num_replicas: int) -> int:
+        """Checks divisibility that depends on the strategy's replica count; returns the BN
+        batch size the run uses (`bn_batch_size`, or the per-replica batch when 0)."""
         if self.batch_size % num_replicas:
             raise ConfigError(f"--batch_size={self.batch_size} is not divisible by the "
                               f"{num_replicas} replicas of --strategy={self.strategy}")
+        if self.eval_batch_size % num_replicas:
+            raise ConfigError(f"--eval_batch_size={self.eval_batch_size} is not divisible by "
+                              f"the {num_replicas} replicas of --strategy={self.strategy}; "
+                              f"use a multiple of {num_replicas}")
         per_replica = self.batch_size // num_replicas
-        if per_replica % self.bn_batch_size:
+        bn_batch_size = self.bn_batch_size or per_replica
+        if per_replica % bn_batch_size:
             raise ConfigError(f"--bn_batch_size={self.bn_batch_size} does not divide the "
                               f"per-replica batch {per_replica} (= --batch_size "
                               f"{self.batch_size} / {num_replicas} replicas); choose a "
                               f"divisor of {per_replica}")
+        return bn_batch_size
 
     # ------------------------------------------------------------------ records
     def to_dict(self) -> dict:

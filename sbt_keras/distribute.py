@@ -1,16 +1,113 @@
-"""The tf.distribute strategy a run asks for.
+"""The tf.distribute strategy a run asks for, and which process of a cluster this is.
 
 Every strategy gives the same update (see training/summed_sgd.py): per-replica summed losses,
 gradients all-reduced with SUM, so the global batch of m examples is summed exactly once.
+
+  default       one device
+  mirrored      all local GPUs (one process)
+  multi_worker  MultiWorkerMirroredStrategy; the cluster and this process's task come from
+                the TF_CONFIG environment variable, as for every tf.distribute cluster
+  tpu           TPUStrategy on the TPU named by --tpu (`local` on a TPU VM)
+
+Importing this module does not import TensorFlow: `check_tf_config` and `task` are used by
+config validation before anything heavy happens.
 """
-import tensorflow as tf
+import functools
+import json
+import os
+
+from sbt_keras.errors import ConfigError
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+# Cluster roles a MultiWorkerMirroredStrategy trains with.
+_TRAINING_ROLES = ("chief", "worker")
 
 
-def make_strategy(name, devices=None):
-    """`default` (one device) or `mirrored` (all local GPUs, or `devices` if given)."""
+def check_tf_config(text):
+    """Raises ConfigError (one line) unless `text` is a TF_CONFIG a multi-worker run can use."""
+    fix = ('set TF_CONFIG to e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, '
+           '"task": {"type": "worker", "index": 0}}')
+    if not text:
+        raise ConfigError(f"--strategy=multi_worker needs the TF_CONFIG environment variable "
+                          f"(or use --strategy=mirrored on one machine); {fix}")
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e}); {fix}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("cluster"), dict):
+        raise ConfigError(f"TF_CONFIG has no \"cluster\" object; {fix}")
+    cluster, task = spec["cluster"], spec.get("task")
+    for role, addresses in cluster.items():
+        if (not isinstance(addresses, list) or not addresses
+                or not all(isinstance(a, str) and ":" in a for a in addresses)):
+            raise ConfigError(f"TF_CONFIG cluster.{role} must be a non-empty list of "
+                              f"\"host:port\" strings, got {addresses!r}")
+    if not any(role in cluster for role in _TRAINING_ROLES):
+        raise ConfigError(f"TF_CONFIG cluster has no \"worker\" or \"chief\" list; {fix}")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise ConfigError(f"TF_CONFIG has no \"task\": {{\"type\": ..., \"index\": ...}} "
+                          f"saying which process this is; {fix}")
+    role, index = task["type"], task["index"]
+    if role not in _TRAINING_ROLES or role not in cluster:
+        raise ConfigError(f"TF_CONFIG task type {role!r} is not one of this cluster's "
+                          f"training roles ({', '.join(r for r in cluster if r in _TRAINING_ROLES)})")
+    if not isinstance(index, int) or not 0 <= index < len(cluster[role]):
+        raise ConfigError(f"TF_CONFIG task index {index!r} is outside cluster.{role}'s "
+                          f"{len(cluster[role])} addresses")
+
+
+def task():
+    """`(type, index)` of this process from TF_CONFIG; `("chief", 0)` outside a cluster."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return "chief", 0
+    spec = json.loads(text)
+    t = spec.get("task") or {}
+    return t.get("type", "chief"), int(t.get("index", 0))
+
+
+def is_chief(strategy_name):
+    """Whether this process keeps the run's records (the others write to scratch)."""
+    if strategy_name != "multi_worker":
+        return True
+    role, index = task()
+    cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
+    # Without a "chief" entry, worker 0 is the chief (the tf.distribute convention).
+    return role == "chief" or (role == "worker" and index == 0 and "chief" not in cluster)
+
+
+def scratch_dir(output_dir):
+    """Where a non-chief worker writes its copy of the records (deleted when it finishes)."""
+    role, index = task()
+    return f"{output_dir.rstrip('/')}/workertemp_{role}{index}"
+
+
+# One strategy per process: a cluster or TPU system is initialized once, and several
+# collective strategies over the same devices would interfere.
+@functools.lru_cache(maxsize=None)
+def make_strategy(name, tpu=""):
+    """The strategy `name` (see the module docstring); raises ConfigError if unreachable."""
+    import tensorflow as tf
+
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy(devices)
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        return _tpu_strategy(tf, tpu)
     # Config validation lists the valid names; reaching here is a programming error.
     raise ValueError(f"unknown strategy {name!r}")
+
+
+def _tpu_strategy(tf, tpu):
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, OSError, ImportError, tf.errors.OpError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"--tpu={tpu}: no TPU could be reached ({first}); on a TPU VM use "
+                          f"--tpu=local, else the TPU's name or grpc://ADDRESS:8470") from None
+    return tf.distribute.TPUStrategy(resolver)

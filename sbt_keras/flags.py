@@ -40,11 +40,16 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         flag_values=fv)
     flags.DEFINE_string("data_dir", _D.data_dir, "tensorflow-datasets data_dir (may be gs://).",
                         flag_values=fv)
+    flags.DEFINE_string("manual_dir", _D.manual_dir,
+                        "imagenet2012: directory holding ILSVRC2012_img_train.tar and "
+                        "ILSVRC2012_img_val.tar (default <data_dir>/downloads/manual).",
+                        flag_values=fv)
     flags.DEFINE_boolean("download", _D.download, "Let tfds download the dataset if missing.",
                          flag_values=fv)
     flags.DEFINE_boolean("augment", _D.augment,
-                         "Paper augmentation: pad 4, random 32x32 crop, random flip.",
-                         flag_values=fv)
+                         "Paper augmentation. CIFAR: pad 4, random 32x32 crop, random flip; "
+                         "ImageNet: shorter side random in [256, 480], random 224 crop, "
+                         "flip (without it: the evaluation centre crop).", flag_values=fv)
     flags.DEFINE_integer("train_examples", _D.train_examples,
                          "Use only the first N training examples (0 = all).", flag_values=fv)
     flags.DEFINE_integer("test_examples", _D.test_examples,
@@ -99,8 +104,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("checkpoint_every_steps", _D.checkpoint_every_steps,
                          "Also checkpoint every N steps (0 = at epoch ends only); for long "
                          "epochs on preemptible machines.", flag_values=fv)
-    flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Test-set batch size.",
-                         flag_values=fv)
+    flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size,
+                         "Test-set batch size; the last batch is padded (padding not "
+                         "counted).", flag_values=fv)
     flags.DEFINE_integer("histogram_freq", _D.histogram_freq,
                          "Write weight histograms to TensorBoard every N epochs (0 = never).",
                          flag_values=fv)
@@ -112,8 +118,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_boolean("deterministic", _D.deterministic,
                          "Also enable TF op determinism (identical histories, slower).",
                          flag_values=fv)
-    flags.DEFINE_enum("strategy", _D.strategy, STRATEGIES, "tf.distribute strategy.",
+    flags.DEFINE_enum("strategy", _D.strategy, STRATEGIES,
+                      "tf.distribute strategy: default (one device), mirrored (local GPUs), "
+                      "multi_worker (cluster from TF_CONFIG), tpu (see --tpu).",
                       flag_values=fv)
+    flags.DEFINE_string("tpu", _D.tpu, "With --strategy=tpu: `local` on a TPU VM, a TPU "
+                        "name, or grpc://ADDRESS:8470.", flag_values=fv)
     flags.DEFINE_enum("precision", _D.precision, PRECISIONS,
                       "mixed_bfloat16 computes in bfloat16 on GPU/TPU; weights, loss, "
                       "gradients and BN statistics stay float32.", flag_values=fv)

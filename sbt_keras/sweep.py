@@ -190,6 +190,9 @@ def write_results(output_dir):
         result = results.read_yaml(result_path) or {}
         row = {k: cfg.get(k) for k in ("batch_size", "log2_base_lr", "base_lr",
                                        "bn_batch_size", "epochs", "seed")}
+        # The BN batch the trial used (bn_batch_size=0 means the per-replica batch).
+        row["bn_batch_size"] = (cfg.get("derived") or {}).get("bn_batch_size",
+                                                               row["bn_batch_size"])
         row.update({k: result.get(k) for k in RESULT_COLUMNS if k in result})
         row.update(trial=name, trial_dir=os.path.relpath(directory, output_dir))
         rows.append(row)

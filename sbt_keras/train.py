@@ -8,9 +8,11 @@
   checkpoints/  model + optimizer after each epoch; a re-run of the same command resumes
 """
 import dataclasses
+import functools
 import os
 import platform
 import time
+import types
 
 from absl import logging
 
@@ -23,7 +25,7 @@ CHECKPOINT_DIR = "checkpoints"
 # resumed with different values of these.
 EXECUTION_FIELDS = frozenset({
     "output_dir", "steps_per_execution", "jit_compile", "eval_batch_size", "histogram_freq",
-    "download", "data_dir", "cifar_dir", "strategy", "deterministic",
+    "download", "data_dir", "manual_dir", "cifar_dir", "strategy", "tpu", "deterministic",
     "checkpoint_every_steps"})
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
@@ -34,33 +36,41 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
 
     `strategy` overrides `cfg.strategy` (tests pass logical-device strategies);
     `extra_callbacks` run after the built-in ones (tests use them to inject faults).
+
+    In a multi-worker cluster every process calls this; the chief keeps the records in
+    `cfg.output_dir`, the others write theirs to a scratch directory that is deleted when
+    they finish, and all of them resume from the chief's checkpoints.
     """
     import keras
     import tensorflow as tf
 
-    from sbt_keras import data, distribute, models
-    from sbt_keras.data import augment, pipeline
+    from sbt_keras import distribute, models
     from sbt_keras.training import callbacks, schedules
     from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer
 
     # ------------------------------------------------------------------ Records
-    out = cfg.output_dir
     finished = check_output_dir(cfg)
     if finished is not None:
-        logging.info("%s already holds this run's result (%s); nothing to do.", out,
-                     finished["status"])
+        logging.info("%s already holds this run's result (%s); nothing to do.",
+                     cfg.output_dir, finished["status"])
         return finished
+    restore_dir = os.path.join(cfg.output_dir, CHECKPOINT_DIR)
+    chief = distribute.is_chief(cfg.strategy)
+    if not chief:
+        cfg = dataclasses.replace(cfg, output_dir=distribute.scratch_dir(cfg.output_dir))
+    out = cfg.output_dir
 
     # ------------------------------------------------------------------ Strategy
-    strategy = strategy or distribute.make_strategy(cfg.strategy)
+    strategy = strategy or distribute.make_strategy(cfg.strategy, cfg.tpu)
     replicas = strategy.num_replicas_in_sync
-    cfg.check_replicas(replicas)
+    bn_batch_size = cfg.check_replicas(replicas)
     info = cfg.data_info()
     steps_per_epoch = info.num_train // cfg.batch_size
     schedule = schedules.from_config(cfg, steps_per_epoch)
     derived = {
         "replicas": replicas,
         "per_replica_batch_size": cfg.batch_size // replicas,
+        "bn_batch_size": bn_batch_size,  # the examples each BN statistic is taken over
         "learning_rate": cfg.batch_size * cfg.base_lr,  # eta = m * eta_tilde
         "num_train": info.num_train, "num_test": info.num_test,
         "num_classes": info.num_classes, "image_shape": list(info.image_shape),
@@ -77,13 +87,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             tf.config.experimental.enable_op_determinism()
 
         # -------------------------------------------------------------- Input pipeline
-        splits = data.load(
-            cfg.dataset, cifar_dir=cfg.cifar_dir, data_dir=cfg.data_dir,
-            download=cfg.download, train_examples=cfg.train_examples,
-            test_examples=cfg.test_examples, image_size=cfg.image_size,
-            num_classes=cfg.num_classes, synthetic_train=cfg.synthetic_train,
-            synthetic_test=cfg.synthetic_test, seed=cfg.seed)
-        mean, std = augment.channel_stats(splits.train.images)
+        source = data_source(cfg)
 
         # -------------------------------------------------------------- Model & optimizer
         keras.mixed_precision.set_global_policy(cfg.precision)  # reset in `finally`
@@ -91,7 +95,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             network = models.build(
                 cfg.model, input_shape=info.image_shape, num_classes=info.num_classes,
                 norm=cfg.norm, norm_dense=cfg.norm_dense,
-                bn_batch_size=cfg.bn_batch_size if cfg.norm == "batch" else None,
+                bn_batch_size=bn_batch_size if cfg.norm == "batch" else None,
                 bn_momentum=cfg.bn_momentum, bn_epsilon=cfg.bn_epsilon)
             model = SummedGradientModel(
                 network, weight_decay=cfg.weight_decay,
@@ -106,7 +110,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                                          metrics=metric_variables)
         manager = tf.train.CheckpointManager(checkpoint, os.path.join(out, CHECKPOINT_DIR),
                                              max_to_keep=3)
-        start_step = restore_latest(manager, checkpoint, model)
+        start_step = restore_latest(restore_dir, checkpoint, model)
         initial_epoch, skip = divmod(start_step, steps_per_epoch)
         if skip % cfg.steps_per_execution:
             raise ConfigError(f"the checkpoint is at step {start_step}, inside a block of "
@@ -122,12 +126,11 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         phases = [(initial_epoch, initial_epoch + 1, skip)] if skip else []
         if initial_epoch + bool(skip) < cfg.epochs:
             phases.append((initial_epoch + bool(skip), cfg.epochs, 0))
-        test_ds = pipeline.eval_dataset(splits.test, batch_size=cfg.eval_batch_size,
-                                        mean=mean, std=std)
+        test_ds = source.eval_dataset(batch_size=cfg.eval_batch_size)
         divergence = callbacks.DivergenceStop(cfg.divergence_factor)
         recorder = callbacks.EpochRecorder(
             out, batch_size=cfg.batch_size, schedule=schedule, history=history,
-            hparams=hparams_of(cfg) if start_step == 0 else None,
+            hparams=hparams_of(cfg, bn_batch_size) if start_step == 0 else None,
             histogram_freq=cfg.histogram_freq, network=network)
         restore_metrics = callbacks.RestoreMetrics(
             metric_variables, [v.numpy() for v in metric_variables] if skip else None)
@@ -138,10 +141,9 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             for first, last, skipped in phases:
                 if divergence.diverged:
                     break
-                train_ds = pipeline.train_dataset(
-                    splits.train, batch_size=cfg.batch_size, seed=cfg.seed, epochs=last,
-                    start_epoch=first, start_step=skipped, augment=cfg.augment,
-                    mean=mean, std=std)
+                train_ds = source.train_dataset(
+                    batch_size=cfg.batch_size, seed=cfg.seed, epochs=last,
+                    start_epoch=first, start_step=skipped, augment=cfg.augment)
                 model.fit(train_ds, epochs=last, initial_epoch=first,
                           steps_per_epoch=steps_per_epoch - skipped, validation_data=test_ds,
                           verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
@@ -167,28 +169,63 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
     finally:
         keras.mixed_precision.set_global_policy("float32")
     results.write_yaml(os.path.join(out, results.RESULT_FILE), result)
+    if not chief:
+        tf.io.gfile.rmtree(out)
     logging.info("%s: %s, test accuracy (median of final %d) %.4f", out, result["status"],
                  cfg.median_of, result["test_accuracy"])
     return result
 
 
-def restore_latest(manager, checkpoint, model):
-    """Restores the newest readable checkpoint; returns its global step (0: none).
+def data_source(cfg):
+    """Where the run's batches come from: `train_dataset(...)` and `eval_dataset(...)`."""
+    from sbt_keras import data
+    from sbt_keras.data import augment, pipeline
+
+    if cfg.dataset == "imagenet2012":  # streamed from tfds
+        from sbt_keras.data import imagenet
+
+        where = dict(data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+        return types.SimpleNamespace(
+            train_dataset=functools.partial(imagenet.train_dataset,
+                                            train_examples=cfg.train_examples, **where),
+            eval_dataset=functools.partial(imagenet.eval_dataset,
+                                           test_examples=cfg.test_examples, **where))
+    splits = data.load(  # small enough to hold in memory
+        cfg.dataset, cifar_dir=cfg.cifar_dir, data_dir=cfg.data_dir, download=cfg.download,
+        train_examples=cfg.train_examples, test_examples=cfg.test_examples,
+        image_size=cfg.image_size, num_classes=cfg.num_classes,
+        synthetic_train=cfg.synthetic_train, synthetic_test=cfg.synthetic_test,
+        seed=cfg.seed)
+    mean, std = augment.channel_stats(splits.train.images)
+    return types.SimpleNamespace(
+        train_dataset=functools.partial(pipeline.train_dataset, splits.train, mean=mean,
+                                        std=std),
+        eval_dataset=functools.partial(pipeline.eval_dataset, splits.test, mean=mean,
+                                       std=std))
+
+
+def restore_latest(directory, checkpoint, model):
+    """Restores the newest readable checkpoint in `directory`; returns its global step
+    (0: none).
 
     A truncated or corrupted newest checkpoint is reported and the previous one used; if
     none is readable the run starts from its initial weights.
     """
-    if not manager.checkpoints:
+    import tensorflow as tf
+
+    state = tf.train.get_checkpoint_state(directory)
+    paths = list(state.all_model_checkpoint_paths) if state else []
+    if not paths:
         return 0
     initial = [v.numpy() for v in model.variables] + [model.optimizer.iterations.numpy()]
-    for path in reversed(manager.checkpoints):
+    for path in reversed(paths):
         try:
             checkpoint.restore(path).assert_existing_objects_matched()
             return int(model.optimizer.iterations.numpy())
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back
             logging.warning("Checkpoint %s is unreadable (%s: %s); trying an older one.",
                             path, type(error).__name__, str(error).splitlines()[0][:200])
-    logging.warning("No readable checkpoint in %s; starting from scratch.", manager.directory)
+    logging.warning("No readable checkpoint in %s; starting from scratch.", directory)
     for variable, value in zip([*model.variables, model.optimizer.iterations], initial):
         variable.assign(value)
     return 0
@@ -259,9 +296,9 @@ def read_history(output_dir):
     return results.read_csv(path) if results.exists(path) else []
 
 
-def hparams_of(cfg):
+def hparams_of(cfg, bn_batch_size):
     """The settings shown in TensorBoard's HParams dashboard."""
     keys = ("model", "norm", "dataset", "augment", "batch_size", "log2_base_lr", "base_lr",
-            "bn_batch_size", "epochs", "warmup", "weight_decay", "seed")
+            "epochs", "warmup", "weight_decay", "seed")
     values = dataclasses.asdict(cfg)
-    return {k: values[k] for k in keys}
+    return {**{k: values[k] for k in keys}, "bn_batch_size": bn_batch_size}

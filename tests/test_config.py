@@ -28,7 +28,8 @@ def parse(argv):
 def test_flags_map_onto_config_and_resolve():
     cfg = parse(SYNTH + ["--batch_size=8", "--log2_base_lr=-7", "--epochs=10"]).resolve()
     assert cfg.base_lr == 2.0 ** -7 and cfg.log2_base_lr == -7
-    assert cfg.bn_batch_size == 8  # default: the whole batch
+    assert cfg.bn_batch_size == 0  # default: the whole per-replica batch ...
+    assert cfg.check_replicas(1) == 8 and cfg.check_replicas(2) == 4  # ... once known
     assert cfg.weight_decay == 1e-4  # ResNet default
     assert parse(["--model=alexnet_reduced", "--dataset=synthetic", "--base_lr=0.01"]
                  ).resolve().weight_decay == 5e-4
@@ -101,11 +102,19 @@ def test_steps_per_execution_auto_and_checks():
 
 def test_replica_divisibility():
     cfg = Config(dataset="synthetic", base_lr=0.1, batch_size=8, bn_batch_size=4).resolve()
-    cfg.check_replicas(2)  # per-replica 4, divisible by 4
+    assert cfg.check_replicas(2) == 4  # per-replica 4, divisible by 4
     with pytest.raises(ConfigError, match="not divisible by the 3 replicas"):
         cfg.check_replicas(3)
     with pytest.raises(ConfigError, match="--bn_batch_size=4 does not divide the per-replica"):
         cfg.check_replicas(4)
+    with pytest.raises(ConfigError, match="--eval_batch_size=500 is not divisible by the 8 "):
+        Config(dataset="synthetic", base_lr=0.1, batch_size=8, eval_batch_size=500
+               ).resolve().check_replicas(8)
+
+
+def test_manual_dir_is_for_imagenet_only():
+    with pytest.raises(ConfigError, match="--manual_dir only applies to --dataset=imagenet2012"):
+        Config(dataset="synthetic", base_lr=0.1, manual_dir="/tars").resolve()
 
 
 def test_cifar_dir_problems_are_config_errors(tmp_path):

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import sbt_keras.data as data
 from sbt_keras.errors import ConfigError
@@ -306,15 +307,30 @@ def test_train_dataset_batch_too_large():
         pipeline.train_dataset(_indexed_arrays(10), batch_size=11, seed=0, epochs=1, augment=False, mean=MEAN, std=STD)
 
 
-def test_eval_dataset_keeps_order_and_remainder():
+def test_eval_dataset_keeps_order_and_pads_the_remainder_with_weight_zero():
     from sbt_keras.data import pipeline
 
     arrays = _indexed_arrays(50)
-    batches = _collect(pipeline.eval_dataset(arrays, batch_size=8, mean=MEAN, std=STD))
-    assert [len(y) for _, y in batches] == [8] * 6 + [2]
-    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.arange(50))
-    x = np.concatenate([x for x, _ in batches])
+    batches = [tuple(t.numpy() for t in b) for b in
+               pipeline.eval_dataset(arrays, batch_size=8, mean=MEAN, std=STD)]
+    assert [len(y) for _, y, _ in batches] == [8] * 7  # 50 examples + 6 weight-0 copies
+    y = np.concatenate([y for _, y, _ in batches])
+    w = np.concatenate([w for _, _, w in batches])
+    np.testing.assert_array_equal(w, [1.0] * 50 + [0.0] * 6)
+    np.testing.assert_array_equal(y[:50], np.arange(50))
+    x = np.concatenate([x for x, _, _ in batches])[:50]
     np.testing.assert_allclose(x, (arrays.images.astype(np.float32) - MEAN) / STD, rtol=1e-6)
+
+
+def test_pad_and_batch_streams():
+    from sbt_keras.data import pipeline
+
+    examples = tf.data.Dataset.from_tensor_slices((np.arange(5.0), np.arange(5)))
+    batches = list(pipeline.pad_and_batch(examples, batch_size=2, num_examples=5))
+    assert [b[0].numpy().tolist() for b in batches] == [[0, 1], [2, 3], [4, 0]]
+    assert [b[2].numpy().tolist() for b in batches] == [[1, 1], [1, 1], [1, 0]]
+    exact = list(pipeline.pad_and_batch(examples.take(4), batch_size=2, num_examples=4))
+    assert len(exact) == 2 and exact[-1][2].numpy().tolist() == [1, 1]
 
 
 # ---------------------------------------------------------------- synthetic / tfds

@@ -1,34 +1,22 @@
 """keras-tuner's chief/worker mode: a chief and 2 worker processes on localhost share a grid."""
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import yaml
 
+from processes import finish, free_port, start
 from sbt_keras import results
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset=synthetic", "--model=resnet8", "--norm=batch", "--image_size=8",
          "--synthetic_train=128", "--synthetic_test=32", "--epochs=2", "--median_of=1",
          "--deterministic", "--grid_batch_size=4,8,16", "--grid_log2_base_lr=-7,-6"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(out, tuner_id=None, port=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {}
     if tuner_id:
         env.update(KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP="127.0.0.1",
                    KERASTUNER_ORACLE_PORT=str(port))
-    return subprocess.Popen([sys.executable, "-m", "sbt_keras.run", *FLAGS,
-                             f"--output_dir={out}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start(["-m", "sbt_keras.run", *FLAGS, f"--output_dir={out}"], **env)
 
 
 def _table(out):
@@ -38,15 +26,13 @@ def _table(out):
 
 def test_chief_and_two_workers_share_one_grid(tmp_path):
     reference = tmp_path / "single"
-    proc = _start(reference)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    finish(_start(reference))
 
-    out, port = tmp_path / "shared", _free_port()
+    out, port = tmp_path / "shared", free_port()
     procs = [_start(out, "chief", port), _start(out, "tuner0", port),
              _start(out, "tuner1", port)]
     for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+        finish(p)
 
     assert _table(out) == _table(reference)  # every point once, same numbers as one process
     workers = [yaml.safe_load(p.read_text())["worker"]

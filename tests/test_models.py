@@ -45,6 +45,12 @@ def _layers_of(model, kind):
 #   without BN: BN params 32 + 448 n are replaced by biases 16 + 224 n, i.e. minus 16 + 224 n:
 #   ResNet-8 75,290 - 240 = 75,050; ResNet-20 269,722 - 688 = 269,034;
 #   ResNet-32 464,154 - 1,136 = 463,018
+#
+# ResNet-50 (checked against keras.applications in test_imagenet.py): 25,557,032 with BN
+# at 1000 classes, of which the classifier is 2,048*1,000+1,000 = 2,049,000; at 10 classes
+# it is 2,048*10+10 = 20,490 -> 23,528,522. The 53 convs output 26,560 channels in all
+# (stem 64; stage widths w = 64, 128, 256, 512 with n = 3, 4, 6, 3 blocks give
+# n*6w + 4w each: 1,408 + 3,584 + 10,240 + 11,264), so without BN: 23,501,962.
 PARAMS = {
     ("alexnet_reduced", "none"): 472_794,
     ("alexnet_reduced", "batch"): 474_106,
@@ -54,16 +60,19 @@ PARAMS = {
     ("resnet20", "batch"): 269_722,
     ("resnet32", "none"): 463_018,
     ("resnet32", "batch"): 464_154,
+    ("resnet50", "none"): 23_501_962,
+    ("resnet50", "batch"): 23_528_522,
 }
-# Convolution + dense layers: AlexNet 5 + 3; ResNet 6n+2 = depth.
-WEIGHT_LAYERS = {"alexnet_reduced": 8, "resnet8": 8, "resnet20": 20, "resnet32": 32}
+# Convolution + dense layers: AlexNet 5 + 3; ResNet 6n+2 = depth; ResNet-50 53 + 1.
+WEIGHT_LAYERS = {"alexnet_reduced": 8, "resnet8": 8, "resnet20": 20, "resnet32": 32,
+                 "resnet50": 54}
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))
 @pytest.mark.parametrize("norm", NORMS)
 def test_builds_logits_and_pinned_parameter_count(name, norm):
     keras.utils.set_random_seed(0)
-    model = models.build(name, norm=norm, num_classes=10)
+    model = models.build(name, norm=norm, num_classes=10, input_shape=(32, 32, 3))
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
 
     logits = model(x, training=True)
@@ -182,8 +191,8 @@ def test_registries():
     assert set(models.DEFAULT_WEIGHT_DECAY) == set(models.MODELS)
     assert models.DEFAULT_WEIGHT_DECAY["alexnet_reduced"] == 5e-4
     assert all(models.DEFAULT_WEIGHT_DECAY[f"resnet{d}"] == 1e-4 for d in (8, 20, 32))
-    with pytest.raises(ConfigError, match=r"^--model=vgg is unknown; choose one of "
-                                          r"alexnet_reduced, resnet8, resnet20, resnet32$"):
+    with pytest.raises(ConfigError, match=r"^--model=vgg is unknown; choose one of alexnet_"
+                                          r"reduced, resnet8, resnet20, resnet32, resnet50$"):
         models.build("vgg")
     with pytest.raises(ConfigError, match="--norm=xyz"):
         models.build("resnet8", norm="xyz")

@@ -202,14 +202,20 @@ def test_figure_flagfiles_expand_to_the_papers_grid(path, tmp_path):
         {"batch_size": 2 ** k, "log2_base_lr": -8, "status": "completed",
          "test_accuracy": 0.5} for k in range(1, 12)],
         ("batch_size", "log2_base_lr", "status", "test_accuracy"))
-    fv = _parse_sweep_flags([f"--flagfile={path}", f"--output_dir={tmp_path / 'out'}"])
+    imagenet = "imagenet" in path.read_text()
+    # No ImageNet here: expand its grids over stand-in data of the same kind of size.
+    data = ["--dataset=synthetic", "--synthetic_train=4096"] if imagenet else []
+    fv = _parse_sweep_flags([f"--flagfile={path}", f"--output_dir={tmp_path / 'out'}", *data])
     best_from = str(earlier) if fv.grid_best_lr_from else ""
     base = run_flags.config_from_flags(fv)
     grid = grid_lib.Grid.from_flags(base, run_flags.grid_texts_from_flags(fv), fv.seeds,
                                     best_from)
     valid, skipped = grid_lib.split_points(base, grid, lambda p: str(tmp_path / p.name))
     axes = dict(grid.axes)
-    if "log2_base_lr" in axes:  # the m x eta_tilde figures: 2..2048 x 2^-12..2^0
+    if imagenet and "log2_base_lr" in axes:  # Fig. 12: 4..256 x 2^-14..2^-6, two seeds
+        assert len(valid) == 7 * 9 * 2 and not skipped
+        assert base.epochs == 90 and base.lr_decay_epochs == (30, 60, 80)
+    elif "log2_base_lr" in axes:  # the m x eta_tilde figures: 2..2048 x 2^-12..2^0
         assert axes["batch_size"] == tuple(2 ** k for k in range(1, 12))
         assert axes["log2_base_lr"] == tuple(float(k) for k in range(-12, 1))
         assert len(valid) == 143 and not skipped

@@ -1,5 +1,8 @@
 """Datasets: a registry of names, TF-free size checks, and in-memory loading.
 
+CIFAR and synthetic data are small enough to hold in memory (``load``, then pipeline.py);
+ImageNet is streamed from tfds (imagenet.py).
+
 Importing this package does not import TensorFlow, so configuration can be validated
 (``describe``) before any heavy import; ``load`` imports it lazily.
 """
@@ -11,10 +14,14 @@ import numpy as np
 from sbt_keras.data import cifar_binary
 from sbt_keras.errors import ConfigError
 
-DATASETS = ("cifar10", "cifar100", "synthetic")
+DATASETS = ("cifar10", "cifar100", "imagenet2012", "synthetic")
 
-# Sizes and classes of the standard tfds splits, used when no --cifar_dir is given.
-_TFDS_SIZES = {"cifar10": (50000, 10000, 10), "cifar100": (50000, 10000, 100)}
+# Sizes and classes of the standard tfds splits (train, test or validation, classes), used
+# when no --cifar_dir is given. ImageNet's "test" split is its 50k validation set.
+_TFDS_SIZES = {"cifar10": (50000, 10000, 10), "cifar100": (50000, 10000, 100),
+               "imagenet2012": (1281167, 50000, 1000)}
+# Network input size: ImageNet is cropped to 224 x 224 (imagenet.CROP).
+IMAGENET_CROP = 224
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +109,9 @@ def describe(
                 raise ConfigError(f"--{flag}={value} must be at least {low} for --dataset=synthetic")
         num_train, num_test, classes = synthetic_train, synthetic_test, num_classes
         shape = (image_size, image_size, 3)
+    elif dataset == "imagenet2012":
+        num_train, num_test, classes = _TFDS_SIZES[dataset]
+        shape = (IMAGENET_CROP, IMAGENET_CROP, 3)
     else:
         if cifar_dir:
             _, _, num_train, num_test = cifar_binary.check_dir(dataset, cifar_dir)
@@ -152,6 +162,8 @@ def load(
         synthetic_test=synthetic_test,
     )
 
+    if dataset == "imagenet2012":
+        raise ValueError("imagenet2012 is streamed, not loaded: use sbt_keras.data.imagenet")
     if dataset == "synthetic":
         from sbt_keras.data import synthetic
 

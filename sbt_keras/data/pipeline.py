@@ -36,6 +36,9 @@ def _stream_seed(root, stream, *data):
 def _options(ds):
     opts = tf.data.Options()
     opts.deterministic = True
+    # Multi-worker input: every worker builds the same global stream and keeps its own
+    # slice of each global batch (there are no files to shard by).
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(opts)
 
 
@@ -108,20 +111,48 @@ def train_dataset(arrays, *, batch_size, seed, epochs, start_epoch=0, start_step
 
 
 def eval_dataset(arrays, *, batch_size, mean, std):
-    """All examples in order, standardized, no augmentation; the last batch may be short.
+    """All examples in order, standardized, no augmentation, as full batches with weights.
+
+    Every batch has exactly ``batch_size`` examples (static shapes, as TPUs need, and an
+    even split across replicas): the last one is padded with copies of example 0 whose
+    weight is 0, so metrics still count each real example exactly once.
 
     Returns:
-      ``tf.data.Dataset`` of ``(float32 [<=batch_size, H, W, 3], int32 [<=batch_size])``.
+      ``tf.data.Dataset`` of ``(float32 [batch_size, H, W, 3], int32 [batch_size],
+      float32 [batch_size])``.
     """
     if batch_size < 1:
-        raise ConfigError(f"--batch_size={batch_size} must be at least 1")
+        raise ConfigError(f"--eval_batch_size={batch_size} must be at least 1")
+    num = len(arrays.labels)
     images = tf.constant(arrays.images, tf.uint8)
     labels = tf.constant(arrays.labels, tf.int32)
 
-    def make_batch(index):
+    def make_batch(position):
+        real = position < num
+        index = tf.where(real, position, 0)
         x = tf.cast(tf.gather(images, index), tf.float32)
-        return augment_lib.standardize(x, mean, std), tf.gather(labels, index)
+        return (augment_lib.standardize(x, mean, std), tf.gather(labels, index),
+                tf.cast(real, tf.float32))
 
-    ds = tf.data.Dataset.range(len(arrays.labels)).batch(batch_size)
+    ds = tf.data.Dataset.range(padded_size(num, batch_size)).batch(batch_size)
     ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def padded_size(num, batch_size):
+    """``num`` rounded up to whole batches."""
+    return -(-num // batch_size) * batch_size
+
+
+def pad_and_batch(examples, *, batch_size, num_examples):
+    """Streams of ``(x, y)`` examples -> full ``(x, y, weight)`` batches (see eval_dataset).
+
+    The padding repeats the first example with weight 0; ``num_examples`` is the stream's
+    length (streamed datasets do not always know it).
+    """
+    weighted = examples.map(lambda x, y: (x, y, tf.constant(1.0)))
+    pad = padded_size(num_examples, batch_size) - num_examples
+    if pad:
+        filler = weighted.take(1).map(lambda x, y, w: (x, y, tf.constant(0.0))).repeat(pad)
+        weighted = weighted.concatenate(filler)
+    return weighted.batch(batch_size, drop_remainder=True)

@@ -2,13 +2,14 @@
 import keras
 
 from sbt_keras.errors import ConfigError
-from sbt_keras.models import alexnet, resnet_cifar
+from sbt_keras.models import alexnet, resnet_cifar, resnet_imagenet
 
 MODELS = {
     "alexnet_reduced": alexnet.build,
     "resnet8": resnet_cifar.resnet8,
     "resnet20": resnet_cifar.resnet20,
     "resnet32": resnet_cifar.resnet32,
+    "resnet50": resnet_imagenet.resnet50,
 }
 
 # L2 weight decay lambda per model (paper §3.1, after Krizhevsky et al. and He et al.).
@@ -17,6 +18,7 @@ DEFAULT_WEIGHT_DECAY = {
     "resnet8": 1e-4,
     "resnet20": 1e-4,
     "resnet32": 1e-4,
+    "resnet50": 1e-4,
 }
 
 DECAY_SCOPES = ("all", "kernels")

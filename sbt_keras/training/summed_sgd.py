@@ -69,11 +69,93 @@ class SummedGradientModel(keras.Model):
         self.accuracy_tracker.update_state(labels, logits)
         return {m.name: m.result() for m in self.metrics}
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Builds what `fit` needs from the variables alone.
+
+        Under a strategy Keras 3 pulls one input batch and MEAN-reduces it eagerly to
+        build the model symbolically; under MultiWorkerMirroredStrategy that reduce fails
+        on per-replica inputs. The network is built when it is created and the trackers
+        hold their own variables, so only the optimizer's state is left to create.
+        """
+        del iterator, data_batch
+        self.built = True
+        if not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
+    def _replicated(self, step):
+        """`step` run on every replica as one graph; its logs averaged over replicas.
+
+        Keras 3's own version reduces scalar logs along axis 0 under
+        MultiWorkerMirroredStrategy and fails; ours reduces along no axis.
+        """
+        strategy = self.distribute_strategy
+
+        @tf.function(reduce_retracing=True, jit_compile=self.jit_compile)
+        def one_step(data):
+            outputs = strategy.run(step, args=(data,))
+            # Running means over equal-sized shards: their mean is the global one.
+            return tf.nest.map_structure(
+                lambda v: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None),
+                outputs)
+
+        return one_step
+
+    def make_train_function(self, force=False):
+        """`steps_per_execution` steps per graph call, as one plain loop.
+
+        Keras 3 wraps every step of its multi-step loop in a `tf.cond`, and the
+        cross-replica merge inside the optimizer fails there under MirroredStrategy and
+        MultiWorkerMirroredStrategy ("You must feed a value for placeholder tensor",
+        keras-team/keras#19246). Our epochs are whole blocks of steps (Config checks it),
+        so the loop needs no end-of-data branch: it runs exactly `steps_per_execution`.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        one_step = self._replicated(self.train_step)
+
+        @tf.function(reduce_retracing=True)
+        def multi_step(iterator):
+            outputs = one_step(next(iterator))
+            for _ in tf.range(self.steps_per_execution - 1):
+                outputs = one_step(next(iterator))
+            return outputs
+
+        self.train_function = multi_step
+        return multi_step
+
+    def make_test_function(self, force=False):
+        """Up to `steps_per_execution` evaluation batches per call, one graph call each.
+
+        Keras hands over the iterator once per block of steps; the test set need not be
+        whole blocks, so the last call stops where the data does.
+        """
+        if self.test_function is not None and not force:
+            return self.test_function
+        one_step = self._replicated(self.test_step)
+
+        def blocks(iterator):
+            outputs = None
+            for _ in range(self.steps_per_execution):
+                try:
+                    batch = next(iterator)
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    break
+                outputs = one_step(batch)
+            if outputs is None:
+                raise StopIteration
+            return outputs
+
+        self.test_function = blocks
+        return blocks
+
     def test_step(self, data):
-        images, labels = data
+        # Evaluation batches carry weights: 0 marks padding that keeps batches full-sized.
+        images, labels, weights = keras.utils.unpack_x_y_sample_weight(data)
         logits = self.network(images, training=False)
-        self.loss_tracker.update_state(self._per_example_loss(labels, logits))
-        self.accuracy_tracker.update_state(labels, logits)
+        self.loss_tracker.update_state(self._per_example_loss(labels, logits),
+                                       sample_weight=weights)
+        self.accuracy_tracker.update_state(labels, logits, sample_weight=weights)
         return {m.name: m.result() for m in self.metrics}
 
 
