@@ -36,6 +36,7 @@ class Config:
     bn_batch_size: int = 0  # 0: the per-replica batch, i.e. ordinary BN (see check_replicas)
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
+    bn_sync: bool = False  # BN over the whole global batch, across replicas
     # Data.
     dataset: str = "cifar10"
     cifar_dir: Optional[str] = None
@@ -135,6 +136,9 @@ class Config:
         if c.bn_batch_size and c.norm != "batch":
             raise ConfigError(f"--bn_batch_size only applies to --norm=batch "
                               f"(got --norm={c.norm}); drop it")
+        if c.bn_sync and (c.norm != "batch" or c.bn_batch_size not in (0, c.batch_size)):
+            raise ConfigError("--bn_sync normalizes over the whole batch of every replica; "
+                              "use it with --norm=batch and without --bn_batch_size")
         if not 0 <= c.bn_momentum < 1:
             raise ConfigError(f"--bn_momentum={c.bn_momentum} must be in [0, 1)")
         if not c.bn_epsilon > 0:
@@ -195,6 +199,8 @@ class Config:
                               f"the {num_replicas} replicas of --strategy={self.strategy}; "
                               f"use a multiple of {num_replicas}")
         per_replica = self.batch_size // num_replicas
+        if self.bn_sync:
+            return self.batch_size
         bn_batch_size = self.bn_batch_size or per_replica
         if per_replica % bn_batch_size:
             raise ConfigError(f"--bn_batch_size={self.bn_batch_size} does not divide the "

@@ -31,6 +31,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                          "the whole per-replica batch (ordinary BN).", flag_values=fv)
     flags.DEFINE_float("bn_momentum", _D.bn_momentum, "BN moving-average momentum.",
                        flag_values=fv)
+    flags.DEFINE_boolean("bn_sync", _D.bn_sync,
+                         "Synchronized BN: statistics over the whole global batch, across "
+                         "replicas (the paper's per-worker BN is the default).",
+                         flag_values=fv)
     flags.DEFINE_float("bn_epsilon", _D.bn_epsilon, "BN variance epsilon.", flag_values=fv)
     # Data.
     flags.DEFINE_enum("dataset", _D.dataset, DATASETS, "Dataset.", flag_values=fv)

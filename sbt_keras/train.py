@@ -95,7 +95,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             network = models.build(
                 cfg.model, input_shape=info.image_shape, num_classes=info.num_classes,
                 norm=cfg.norm, norm_dense=cfg.norm_dense,
-                bn_batch_size=bn_batch_size if cfg.norm == "batch" else None,
+                bn_batch_size=bn_batch_size if cfg.norm == "batch" and not cfg.bn_sync
+                else None, bn_sync=cfg.bn_sync,
                 bn_momentum=cfg.bn_momentum, bn_epsilon=cfg.bn_epsilon)
             model = SummedGradientModel(
                 network, weight_decay=cfg.weight_decay,
@@ -299,6 +300,6 @@ def read_history(output_dir):
 def hparams_of(cfg, bn_batch_size):
     """The settings shown in TensorBoard's HParams dashboard."""
     keys = ("model", "norm", "dataset", "augment", "batch_size", "log2_base_lr", "base_lr",
-            "epochs", "warmup", "weight_decay", "seed")
+            "bn_sync", "epochs", "warmup", "weight_decay", "seed")
     values = dataclasses.asdict(cfg)
     return {**{k: values[k] for k in keys}, "bn_batch_size": bn_batch_size}

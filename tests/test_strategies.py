@@ -138,3 +138,23 @@ def test_unreachable_tpu_is_a_config_error(tmp_path):
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and f"--tpu={tpu}: no TPU could be reached" in lines[0], err
         assert not (tmp_path / tpu / "checkpoints").exists()
+
+
+def test_synchronized_bn_over_replicas_matches_whole_batch_bn(tmp_path, mirrored):
+    # --bn_sync on 2 replicas: statistics over all m = 8 examples, as BN over the whole
+    # batch on one device; the test above shows per-replica BN (over 4) differs from that.
+    values = dict(RUN, norm="batch")
+    one = Config(**values, output_dir=str(tmp_path / "one_device_bn8")).resolve()
+    train(one)
+    synced = Config(**values, bn_sync=True, output_dir=str(tmp_path / "sync")).resolve()
+    train(synced, strategy=mirrored)
+    _assert_same(tmp_path / "sync", tmp_path / "one_device_bn8")
+    stored = results.read_yaml(tmp_path / "sync" / "config.yaml")["derived"]
+    assert stored["bn_batch_size"] == 8 and stored["per_replica_batch_size"] == 4
+
+
+def test_bn_sync_needs_whole_batch_bn():
+    with pytest.raises(ConfigError, match="--bn_sync normalizes over the whole batch"):
+        Config(**RUN, norm="batch", bn_sync=True, bn_batch_size=4).resolve()
+    with pytest.raises(ConfigError, match="--bn_sync"):
+        Config(**RUN, norm="none", bn_sync=True).resolve()

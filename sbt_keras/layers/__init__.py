@@ -13,9 +13,10 @@ def _no_norm(**_):
     return None
 
 
-def _batch_norm(*, bn_batch_size, momentum, epsilon, channels, layer_name):
+def _batch_norm(*, bn_batch_size, momentum, epsilon, channels, layer_name, synchronized):
     return SubBatchNormalization(
-        bn_batch_size=bn_batch_size, momentum=momentum, epsilon=epsilon, name=layer_name
+        bn_batch_size=bn_batch_size, momentum=momentum, epsilon=epsilon,
+        synchronized=synchronized, name=layer_name
     )
 
 
@@ -23,7 +24,7 @@ def _largest_divisor_up_to(n, limit):
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _group_norm(*, bn_batch_size, momentum, epsilon, channels, layer_name):
+def _group_norm(*, bn_batch_size, momentum, epsilon, channels, layer_name, synchronized):
     if channels is None:
         raise ValueError("norm 'group' needs the channel count to choose its groups")
     # Wu & He (2018) use 32 groups; fall back to the largest count that divides channels.
@@ -31,7 +32,7 @@ def _group_norm(*, bn_batch_size, momentum, epsilon, channels, layer_name):
     return keras.layers.GroupNormalization(groups=groups, epsilon=epsilon, name=layer_name)
 
 
-def _layer_norm(*, bn_batch_size, momentum, epsilon, channels, layer_name):
+def _layer_norm(*, bn_batch_size, momentum, epsilon, channels, layer_name, synchronized):
     # Ba et al. (2016) for conv nets: each example over all of (H, W, C) -- one group.
     # keras.layers.LayerNormalization would normalize over C alone at every pixel.
     return keras.layers.GroupNormalization(groups=1, epsilon=epsilon, name=layer_name)
@@ -46,17 +47,19 @@ NORMS = {
 
 
 def norm_layer(
-    name, *, bn_batch_size=None, momentum=0.99, epsilon=1e-3, channels=None, layer_name=None
+    name, *, bn_batch_size=None, momentum=0.99, epsilon=1e-3, channels=None, layer_name=None,
+    synchronized=False,
 ):
     """Returns a new normalization layer for `--norm=name`, or None for "none".
 
-    `bn_batch_size` and `momentum` only affect "batch"; `channels` is required by "group".
+    `bn_batch_size`, `momentum` and `synchronized` (statistics over every replica's batch,
+    `--bn_sync`) only affect "batch"; `channels` is required by "group".
     """
     if name not in NORMS:
         raise ConfigError(f"--norm={name} is unknown; choose one of {', '.join(sorted(NORMS))}")
     return NORMS[name](
         bn_batch_size=bn_batch_size, momentum=momentum, epsilon=epsilon, channels=channels,
-        layer_name=layer_name,
+        layer_name=layer_name, synchronized=synchronized,
     )
 
 

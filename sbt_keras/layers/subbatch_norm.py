@@ -22,13 +22,18 @@ class SubBatchNormalization(keras.layers.Layer):
     They are created with `aggregation="mean"`, so under `tf.distribute` every replica's
     update is averaged into one value instead of leaving the replica copies to drift.
 
+    `synchronized=True` (the paper's contrast to per-worker BN, `--bn_sync`) takes the
+    training statistics over the whole global batch, every replica's examples together
+    (all-reduced, two passes: the mean, then the squared deviations from it); it needs
+    `bn_batch_size=None`.
+
     Inference uses the moving statistics. Statistics are always computed in float32; the
     output has the layer's compute dtype (the dtype the inputs are cast to by Keras).
     """
 
     def __init__(
         self, bn_batch_size=None, momentum=0.99, epsilon=1e-3, center=True, scale=True,
-        **kwargs,
+        synchronized=False, **kwargs,
     ):
         super().__init__(**kwargs)
         if bn_batch_size is not None and (
@@ -39,7 +44,11 @@ class SubBatchNormalization(keras.layers.Layer):
             raise ValueError(
                 f"bn_batch_size must be a positive integer or None, got {bn_batch_size!r}"
             )
+        if synchronized and bn_batch_size is not None:
+            raise ValueError("synchronized BN normalizes over the whole global batch; "
+                             "bn_batch_size must be None")
         self.bn_batch_size = bn_batch_size
+        self.synchronized = bool(synchronized)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.center = center
@@ -83,6 +92,8 @@ class SubBatchNormalization(keras.layers.Layer):
 
     def _normalize_groups(self, x):
         """Normalizes each group with its own statistics and updates the moving ones."""
+        if self.synchronized:
+            return self._normalize_synchronized(x)
         if len(x.shape) == 4 and x.shape[0] is not None:
             return self._normalize_groups_fused(x)
         grouped = self._split_into_groups(x)
@@ -129,6 +140,18 @@ class SubBatchNormalization(keras.layers.Layer):
             y = tf.reshape(tf.transpose(tf.reshape(y, (g, h, w, groups, c)), (3, 0, 1, 2, 4)),
                            (n, h, w, c))
         return y
+
+    def _normalize_synchronized(self, x):
+        """One group: the global batch, summed over replicas."""
+        context = tf.distribute.get_replica_context()
+        axes = list(range(len(x.shape) - 1))
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+        total, count = context.all_reduce("sum", [tf.reduce_sum(x, axes), count])
+        mean = total / count
+        squares = context.all_reduce("sum", tf.reduce_sum(tf.square(x - mean), axes))
+        variance = squares / count
+        self._update_moving_statistics(mean, variance)
+        return self._affine(x, mean, variance)
 
     def _split_into_groups(self, x):
         """Reshapes [N, ...] to [N // bn_batch_size, bn_batch_size, ...]."""
@@ -179,5 +202,6 @@ class SubBatchNormalization(keras.layers.Layer):
             epsilon=self.epsilon,
             center=self.center,
             scale=self.scale,
+            synchronized=self.synchronized,
         )
         return config

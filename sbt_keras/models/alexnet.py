@@ -12,7 +12,7 @@ HIDDEN_UNITS = (256, 256)
 
 def build(
     *, input_shape=(32, 32, 3), num_classes=10, norm="batch", norm_dense=True,
-    bn_batch_size=None, bn_momentum=0.99, bn_epsilon=1e-3,
+    bn_batch_size=None, bn_momentum=0.99, bn_epsilon=1e-3, bn_sync=False,
 ):
     """Builds the reduced AlexNet as a functional model that outputs logits.
 
@@ -22,6 +22,7 @@ def build(
     def normalize(x, channels, name):
         layer = norm_layer(
             norm, bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
+            synchronized=bn_sync,
             channels=channels, layer_name=name,
         )
         return x if layer is None else layer(x)

@@ -25,7 +25,7 @@ def _shortcut_a(x, filters):
 
 def build_resnet(
     depth, *, input_shape=(32, 32, 3), num_classes=10, norm="batch", norm_dense=True,
-    bn_batch_size=None, bn_momentum=0.99, bn_epsilon=1e-3,
+    bn_batch_size=None, bn_momentum=0.99, bn_epsilon=1e-3, bn_sync=False,
 ):
     """Builds a CIFAR ResNet of `depth` = 6n+2 layers as a functional model that outputs logits.
 
@@ -42,6 +42,7 @@ def build_resnet(
         x = _conv3x3(filters, strides, use_bias, name)(x)
         layer = norm_layer(
             norm, bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
+            synchronized=bn_sync,
             channels=filters, layer_name=f"{name}_norm",
         )
         if layer is not None:

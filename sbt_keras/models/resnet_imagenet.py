@@ -16,7 +16,7 @@ EXPANSION = 4
 
 def resnet50(
     *, input_shape=(224, 224, 3), num_classes=1000, norm="batch", norm_dense=True,
-    bn_batch_size=None, bn_momentum=0.99, bn_epsilon=1e-3,
+    bn_batch_size=None, bn_momentum=0.99, bn_epsilon=1e-3, bn_sync=False,
 ):
     """Builds ResNet-50 v1 as a functional model that outputs logits.
 
@@ -37,6 +37,7 @@ def resnet50(
         )(x)
         layer = norm_layer(
             norm, bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
+            synchronized=bn_sync,
             channels=filters, layer_name=f"{name}_norm",
         )
         if layer is not None:
