@@ -7,9 +7,8 @@ TensorFlow is even imported. The resolved config is saved as `config.yaml` besid
 """
 import dataclasses
 import math
-from typing import Optional, Tuple
-
 import os
+from typing import Optional, Tuple
 
 from sbt_keras import data, distribute
 from sbt_keras.errors import ConfigError

@@ -202,15 +202,21 @@ def _fake_as_dataset(self, split, decoders=None, read_config=None, shuffle_files
     })
 
 
-@pytest.fixture
-def fake_imagenet(tmp_path):
-    """Keyword arguments for the dataset functions, valid while the mock is active."""
+def _manual_dir(tmp_path):
+    """A manual dir holding (empty) ILSVRC2012 archives: enough for check_available."""
     manual = tmp_path / "manual"
     manual.mkdir()
     for name in imagenet.MANUAL_FILES:
         (manual / name).touch()
+    return str(manual)
+
+
+@pytest.fixture
+def fake_imagenet(tmp_path):
+    """Keyword arguments for the dataset functions, valid while the mock is active."""
+    manual = _manual_dir(tmp_path)
     with tfds.testing.mock_data(as_dataset_fn=_fake_as_dataset):
-        yield dict(data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+        yield dict(data_dir=str(tmp_path / "tfds"), manual_dir=manual)
 
 
 def _collect(ds):
@@ -361,13 +367,10 @@ def test_training_run_on_mocked_imagenet(tmp_path):
     from sbt_keras.config import Config
     from sbt_keras.train import train
 
-    manual = tmp_path / "manual"
-    manual.mkdir()
-    for name in imagenet.MANUAL_FILES:
-        (manual / name).touch()
+    manual = _manual_dir(tmp_path)
     with tfds.testing.mock_data(as_dataset_fn=_fake_with_imagenet_labels):
         cfg = Config(dataset="imagenet2012", data_dir=str(tmp_path / "tfds"),
-                     manual_dir=str(manual), model="resnet8", norm="batch", augment=True,
+                     manual_dir=manual, model="resnet8", norm="batch", augment=True,
                      train_examples=8, test_examples=6, batch_size=4, eval_batch_size=4,
                      base_lr=2.0 ** -8, epochs=1, median_of=1,
                      output_dir=str(tmp_path / "run")).resolve()

@@ -255,3 +255,10 @@ def test_layer_norm_normalizes_each_example_over_h_w_c():
     mu = x64.mean(axis=(1, 2, 3), keepdims=True)
     var = x64.var(axis=(1, 2, 3), keepdims=True)
     np.testing.assert_allclose(y, (x64 - mu) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+def test_synchronized_bn_takes_no_sub_batches():
+    with pytest.raises(ValueError, match="bn_batch_size must be None"):
+        SubBatchNormalization(bn_batch_size=2, synchronized=True)
+    layer = SubBatchNormalization(synchronized=True)
+    assert SubBatchNormalization.from_config(layer.get_config()).synchronized

@@ -63,4 +63,10 @@ def norm_layer(
     )
 
 
-__all__ = ["NORMS", "SubBatchNormalization", "norm_layer"]
+def normalized(x, name, *, channels, layer_name, **options):
+    """`x` through a new `--norm=name` layer (unchanged for "none"); options as norm_layer."""
+    layer = norm_layer(name, channels=channels, layer_name=layer_name, **options)
+    return x if layer is None else layer(x)
+
+
+__all__ = ["NORMS", "SubBatchNormalization", "norm_layer", "normalized"]

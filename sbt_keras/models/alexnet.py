@@ -1,7 +1,7 @@
 """The reduced AlexNet of Masters & Luschi (2018) §3.1, for 32x32 CIFAR images."""
 import keras
 
-from sbt_keras.layers import norm_layer
+from sbt_keras.layers import normalized
 
 # (kernel size, channels) of the five stride-1 convolutions (paper §3.1).
 CONVS = ((5, 16), (3, 48), (3, 96), (3, 64), (3, 64))
@@ -19,13 +19,11 @@ def build(
     Normalization (unless `norm="none"`) follows every convolution, before its ReLU, and
     also the two hidden dense layers when `norm_dense` (paper Fig. 5 vs. Fig. 6).
     """
+    options = dict(bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
+                   synchronized=bn_sync)
+
     def normalize(x, channels, name):
-        layer = norm_layer(
-            norm, bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
-            synchronized=bn_sync,
-            channels=channels, layer_name=name,
-        )
-        return x if layer is None else layer(x)
+        return normalized(x, norm, channels=channels, layer_name=name, **options)
 
     inputs = keras.Input(shape=input_shape, name="images")
     x = inputs

@@ -4,7 +4,7 @@ import functools
 import keras
 from keras import ops
 
-from sbt_keras.layers import norm_layer
+from sbt_keras.layers import normalized
 
 STAGE_FILTERS = (16, 32, 64)
 
@@ -38,15 +38,12 @@ def build_resnet(
     blocks_per_stage = (depth - 2) // 6
     use_bias = norm == "none"
 
+    options = dict(bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
+                   synchronized=bn_sync)
+
     def conv_norm(x, filters, strides, name, relu):
         x = _conv3x3(filters, strides, use_bias, name)(x)
-        layer = norm_layer(
-            norm, bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
-            synchronized=bn_sync,
-            channels=filters, layer_name=f"{name}_norm",
-        )
-        if layer is not None:
-            x = layer(x)
+        x = normalized(x, norm, channels=filters, layer_name=f"{name}_norm", **options)
         return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
     inputs = keras.Input(shape=input_shape, name="images")

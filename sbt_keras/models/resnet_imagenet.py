@@ -7,7 +7,7 @@ slightly higher accuracy.
 """
 import keras
 
-from sbt_keras.layers import norm_layer
+from sbt_keras.layers import normalized
 
 STAGE_BLOCKS = (3, 4, 6, 3)
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -30,18 +30,15 @@ def resnet50(
     del norm_dense
     use_bias = norm == "none"
 
+    options = dict(bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
+                   synchronized=bn_sync)
+
     def conv_norm(x, filters, kernel, strides, name, relu):
         x = keras.layers.Conv2D(
             filters, kernel, strides=strides, padding="same", use_bias=use_bias,
             kernel_initializer="he_normal", name=name,
         )(x)
-        layer = norm_layer(
-            norm, bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
-            synchronized=bn_sync,
-            channels=filters, layer_name=f"{name}_norm",
-        )
-        if layer is not None:
-            x = layer(x)
+        x = normalized(x, norm, channels=filters, layer_name=f"{name}_norm", **options)
         return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
     def bottleneck(x, width, strides, name, project):
