@@ -76,6 +76,14 @@ def is_chief(strategy_name):
     return role == "chief" or (role == "worker" and index == 0 and "chief" not in cluster)
 
 
+def num_workers(strategy_name):
+    """Processes that share the replicas: the cluster's training tasks, else 1."""
+    if strategy_name != "multi_worker":
+        return 1
+    cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
+    return sum(len(cluster.get(role, [])) for role in _TRAINING_ROLES)
+
+
 def scratch_dir(output_dir):
     """Where a non-chief worker writes its copy of the records (deleted when it finishes)."""
     role, index = task()

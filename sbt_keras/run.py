@@ -16,7 +16,7 @@ from absl import app, flags, logging
 
 from sbt_keras import flags as run_flags
 from sbt_keras import grid as grid_lib
-from sbt_keras.errors import ConfigError
+from sbt_keras.errors import ConfigError, OutOfMemory
 
 run_flags.define_flags()
 run_flags.define_sweep_flags()
@@ -56,6 +56,8 @@ def main(argv):
             train(base)
     except ConfigError as error:
         _fail(str(error))
+    except OutOfMemory as error:
+        _fail(str(error), code=1)
     except BaseException as error:
         if type(error).__name__ != "Preempted":
             raise

@@ -16,9 +16,9 @@ import types
 
 from absl import logging
 
-from sbt_keras import results
+from sbt_keras import memory, results
 from sbt_keras.config import Config
-from sbt_keras.errors import ConfigError
+from sbt_keras.errors import ConfigError, OutOfMemory
 
 CHECKPOINT_DIR = "checkpoints"
 # Settings that change how a run executes but not what it computes: an output_dir may be
@@ -104,6 +104,13 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             model.compile(optimizer=build_optimizer(schedule),
                           steps_per_execution=cfg.steps_per_execution,
                           jit_compile=cfg.jit_compile)
+        if cfg.strategy != "tpu" and not tf.config.list_logical_devices("GPU"):
+            # Training on CPUs: this process's replicas share the host's memory.
+            memory.check_fits(
+                network, batch_size=cfg.batch_size,
+                examples=cfg.batch_size // distribute.num_workers(cfg.strategy),
+                compute_bytes=2 if cfg.precision == "mixed_bfloat16" else 4,
+                available=memory.host_available_bytes())
 
         # -------------------------------------------------------------- Resume
         metric_variables = [v for m in model.metrics for v in m.variables]
@@ -162,6 +169,14 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             result["worker"] = os.environ["KERASTUNER_TUNER_ID"]
         recorder.write_final("median_test_accuracy", result["test_accuracy"],
                              result["epochs_completed"])
+    except tf.errors.ResourceExhaustedError as error:
+        results.write_yaml(os.path.join(out, results.RESULT_FILE),
+                           {"status": "failed", "error": f"out of memory: {error}"})
+        first = (str(error).strip().splitlines() or ["ResourceExhaustedError"])[0][:200]
+        raise OutOfMemory(
+            f"out of memory at --batch_size={cfg.batch_size} ({cfg.batch_size // replicas} "
+            f"per replica); lower --batch_size, or use --precision=mixed_bfloat16 or more "
+            f"replicas ({first})") from None
     except BaseException as error:  # record why it stopped, then let it propagate
         status = STOP_STATUS.get(type(error).__name__, "failed")
         results.write_yaml(os.path.join(out, results.RESULT_FILE),

@@ -12,7 +12,8 @@ For every (model, norm, m), in one process on whatever device is present:
   limit    training FLOPs per example x sbt examples/s, as a fraction of the device's
            measured float32 matmul peak
 Each number is the median of --repeats timed blocks of --steps steps, after a warm-up block
-(tracing and compilation excluded). Also: the input pipeline's examples/s with augmentation,
+(tracing and compilation excluded). The contenders take turns, one block each per round, so
+a slow spell of a shared machine hits them alike and the ratios stay comparable. Also: the input pipeline's examples/s with augmentation,
 and host / device memory after each measurement. Writes bench.md and bench.json to --out.
 """
 import json
@@ -72,11 +73,29 @@ def _data(m, shape, classes=10):
     return tf.data.Dataset.from_tensors((x, y)).repeat()
 
 
-def _fit_seconds_per_step(model, m, shape, steps, repeats):
-    timer = _BlockTimer()
-    model.fit(_data(m, shape), epochs=repeats + 1, steps_per_epoch=steps, verbose=0,
-              shuffle=False, callbacks=[timer])
-    return statistics.median(timer.seconds[1:]) / steps
+def _fit_block(model, m, shape, steps):
+    """A function that fits `steps` steps and returns the seconds per step (fit's own
+    set-up excluded: the timer runs from epoch begin to epoch end)."""
+    data, timer = _data(m, shape), _BlockTimer()
+
+    def block():
+        model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False,
+                  callbacks=[timer])
+        return timer.seconds[-1] / steps
+
+    return block
+
+
+def interleaved(blocks, repeats):
+    """{name: median seconds per step}. After one warm-up block each, every round times
+    each contender once in turn, so a slow spell of the machine hits all of them alike."""
+    for block in blocks.values():
+        block()
+    times = {name: [] for name in blocks}
+    for _ in range(repeats):
+        for name, block in blocks.items():
+            times[name].append(block())
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _network(name, norm, m, bn_batch_size, shape):
@@ -85,25 +104,26 @@ def _network(name, norm, m, bn_batch_size, shape):
                         bn_batch_size=(bn_batch_size or m) if norm == "batch" else None)
 
 
-def time_sbt(name, norm, m, shape, bn_batch_size, steps, repeats, spe, jit):
+def sbt_block(name, norm, m, shape, bn_batch_size, steps, spe, jit):
     net = _network(name, norm, m, bn_batch_size, shape)
     model = SummedGradientModel(net, models.DEFAULT_WEIGHT_DECAY[name],
                                 models.decayed_variables(net))
     model.compile(optimizer=build_optimizer(2.0 ** -8), steps_per_execution=spe or steps,
                   jit_compile=jit)
-    return _fit_seconds_per_step(model, m, shape, steps, repeats), net
+    return _fit_block(model, m, shape, steps), net
 
 
-def time_stock_fit(name, norm, m, shape, steps, repeats):
+def stock_fit_block(name, norm, m, shape, steps):
     net = _network(name, norm, m, 0, shape)
     net.compile(optimizer=keras.optimizers.SGD(m * 2.0 ** -8),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"])
-    return _fit_seconds_per_step(net, m, shape, steps, repeats)
+    return _fit_block(net, m, shape, steps)
 
 
-def time_torch(name, norm, m, shape, steps, repeats):
-    if not name.startswith("resnet"):
+def torch_block(name, norm, m, shape, steps):
+    """None when torch is not installed or the model has no PyTorch twin."""
+    if not name.startswith("resnet") or name == "resnet50":
         return None
     try:
         import torch
@@ -112,8 +132,7 @@ def time_torch(name, norm, m, shape, steps, repeats):
         return None
     torch.set_num_threads(os.cpu_count())
     depth = int(name[len("resnet"):])
-    return statistics.median(torch_baseline.step_times(depth, norm == "batch", m, steps,
-                                                       repeats, image_size=shape[0]))
+    return torch_baseline.timed_block(depth, norm == "batch", m, steps, image_size=shape[0])
 
 
 def training_flops_per_example(net):
@@ -178,18 +197,25 @@ def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3
     for name in model_names:
         for norm in norms:
             for m in batch_sizes:
-                sbt, net = time_sbt(name, norm, m, shape, bn_batch_size, steps, repeats, spe,
-                                    jit)
+                blocks = {}
+                blocks["sbt"], net = sbt_block(name, norm, m, shape, bn_batch_size, steps,
+                                               spe, jit)
+                if "fit" in baselines:
+                    blocks["fit"] = stock_fit_block(name, norm, m, shape, steps)
+                if "torch" in baselines:
+                    block = torch_block(name, norm, m, shape, steps)
+                    if block is not None:
+                        blocks["torch"] = block
+                seconds = interleaved(blocks, repeats)
+                sbt = seconds["sbt"]
                 row = {"model": name, "norm": norm, "m": m, "sbt_ms": sbt * 1e3,
                        "sbt_examples_per_s": m / sbt}
                 row["limit_fraction"] = (training_flops_per_example(net) * m / sbt) / peak
-                if "fit" in baselines:
-                    fit = time_stock_fit(name, norm, m, shape, steps, repeats)
-                    row.update(fit_ms=fit * 1e3, speedup_vs_fit=fit / sbt)
-                if "torch" in baselines:
-                    torch_s = time_torch(name, norm, m, shape, steps, repeats)
-                    if torch_s is not None:
-                        row.update(torch_ms=torch_s * 1e3, speedup_vs_torch=torch_s / sbt)
+                if "fit" in seconds:
+                    row.update(fit_ms=seconds["fit"] * 1e3, speedup_vs_fit=seconds["fit"] / sbt)
+                if "torch" in seconds:
+                    row.update(torch_ms=seconds["torch"] * 1e3,
+                               speedup_vs_torch=seconds["torch"] / sbt)
                 if input_pipeline:
                     rate = pipeline_examples_per_second(m, shape)
                     row.update(pipeline_examples_per_s=rate,

@@ -52,25 +52,21 @@ class CifarResNet(nn.Module):
         return self.fc(self.blocks(x).mean(dim=(2, 3)))
 
 
-def step_times(depth, bn, batch_size, steps, repeats, image_size=32, lr=1e-3):
-    """Median-able list of seconds per step over `repeats` timed blocks (after a warm-up)."""
+def timed_block(depth, bn, batch_size, steps, image_size=32, lr=1e-3):
+    """A function that trains `steps` SGD steps and returns the seconds per step."""
     torch.manual_seed(0)
     model = CifarResNet(depth, bn=bn)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
     x = torch.randn(batch_size, 3, image_size, image_size)
     y = torch.randint(0, 10, (batch_size,))
 
-    def block(n):
-        for _ in range(n):
+    def block():
+        start = time.perf_counter()
+        for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y, reduction="sum")
             loss.backward()
             optimizer.step()
+        return (time.perf_counter() - start) / steps
 
-    block(max(3, steps // 5))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        block(steps)
-        times.append((time.perf_counter() - start) / steps)
-    return times
+    return block
