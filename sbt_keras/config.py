@@ -1,5 +1,10 @@
 """The run configuration: one frozen dataclass, built once from flags and validated up front.
 
+Each setting is declared once, as a `Config` field made by `setting()`: its default, help
+text, help group, choices, and whether it is an execution-only setting or a TensorBoard
+HParam. The flags (`flags.py`), the execution-field set, the HParams and a sweep's
+comparison of fixed settings are all derived from those declarations.
+
 Every module below `run.py` takes a `Config` (never FLAGS). `resolve()` fills in defaults that
 depend on other settings (weight decay per model, base_lr from log2_base_lr, bn_batch_size)
 and raises `ConfigError` with a one-line, flag-named message for anything impossible, before
@@ -11,88 +16,163 @@ import os
 import re
 from typing import Optional, Tuple
 
-from sbt_keras import data, distribute
+from sbt_keras import data, distribute, models
 from sbt_keras.errors import ConfigError
 
-STRATEGIES = distribute.STRATEGIES
 PRECISIONS = ("float32", "mixed_bfloat16")
-WEIGHT_DECAY_SCOPES = ("kernels", "all")
-# Kept in sync with models.MODELS / layers.NORMS by tests; listed here so that validation
-# does not need TensorFlow.
-MODEL_NAMES = ("alexnet_reduced", "resnet8", "resnet20", "resnet32", "resnet50")
+MOVING_VARIANCES = ("unbiased", "biased")
+# Kept here until the normalization registry has a TensorFlow-free table of its own.
 NORM_NAMES = ("none", "batch", "group", "layer")
 # --tpu: `local`, a TPU name, or grpc://host:port (a malformed address would otherwise
 # hang in the TPU resolver instead of failing).
 _TPU_ADDRESS = re.compile(r"^(grpc://[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}"
                           r"|[A-Za-z0-9][A-Za-z0-9._\-]*)$")
-DEFAULT_WEIGHT_DECAY = {"alexnet_reduced": 5e-4, "resnet8": 1e-4, "resnet20": 1e-4,
-                        "resnet32": 1e-4, "resnet50": 1e-4}
+# Help groups, in the order `--helpfull` lists them.
+GROUPS = ("model", "normalization", "data", "optimization", "schedule", "records",
+          "execution")
+
+
+def setting(default, help, *, group, choices=None, execution=False, hparam=False):
+    """A Config field together with everything its flag needs: the one declaration of a
+    setting. `execution`: changes how a run executes, not what it computes (a run directory
+    may be resumed with another value). `hparam`: shown in TensorBoard's HParams dashboard."""
+    assert group in GROUPS, group
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, group=group, choices=tuple(choices) if choices else None,
+        execution=execution, hparam=hparam))
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of one training run. Field names match the absl flags."""
+    """Every setting of one training run. Field names are the absl flag names; each field's
+    metadata holds its help text and group (see `setting`)."""
 
     # Model.
-    model: str = "resnet20"
-    norm: str = "batch"
-    norm_dense: bool = True
-    bn_batch_size: int = 0  # 0: the per-replica batch, i.e. ordinary BN (see check_replicas)
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
-    bn_sync: bool = False  # BN over the whole global batch, across replicas
+    model: str = setting("resnet20", "Network architecture.", group="model",
+                         choices=models.MODELS, hparam=True)
+    norm: str = setting("batch", "Normalization after each conv (and hidden dense) layer; "
+                        "'batch' is sub-batch BN (docs/normalization.md).",
+                        group="normalization", choices=NORM_NAMES, hparam=True)
+    norm_dense: bool = setting(True, "alexnet_reduced: also normalize the hidden dense layers "
+                               "(paper Fig. 5); --nonorm_dense normalizes convs only (Fig. 6).",
+                               group="normalization")
+    bn_batch_size: int = setting(0, "Examples per BN statistics group inside each replica's "
+                                 "batch; 0 = the whole per-replica batch (ordinary BN).",
+                                 group="normalization", hparam=True)
+    bn_momentum: float = setting(0.99, "BN moving-average momentum.", group="normalization")
+    bn_epsilon: float = setting(1e-3, "BN variance epsilon.", group="normalization")
+    bn_sync: bool = setting(False, "Synchronized BN: statistics over the whole global batch, "
+                            "across replicas (the paper's per-worker BN is the default).",
+                            group="normalization", hparam=True)
+    bn_moving_variance: str = setting(
+        "unbiased", "Population variance used at inference: 'unbiased' averages each BN "
+        "group's variance times n/(n-1), n = examples x pixels per group (Ioffe & Szegedy "
+        "2015); 'biased' averages the groups' biased variances.", group="normalization",
+        choices=MOVING_VARIANCES)
     # Data.
-    dataset: str = "cifar10"
-    cifar_dir: Optional[str] = None
-    data_dir: Optional[str] = None
-    manual_dir: Optional[str] = None  # imagenet2012: where the ILSVRC2012 tars are
-    download: bool = True
-    augment: bool = False
-    train_examples: int = 0  # 0: all.
-    test_examples: int = 0
-    image_size: int = 32  # synthetic only
-    num_classes: int = 10  # synthetic only
-    synthetic_train: int = 1024
-    synthetic_test: int = 256
+    dataset: str = setting("cifar10", "Dataset.", group="data", choices=data.DATASETS,
+                           hparam=True)
+    cifar_dir: Optional[str] = setting(
+        None, "Read CIFAR from the original binary layout in this directory "
+        "(cifar-10-batches-bin/ or cifar-100-binary/) instead of tfds.", group="data",
+        execution=True)
+    data_dir: Optional[str] = setting(None, "tensorflow-datasets data_dir (may be gs://).",
+                                      group="data", execution=True)
+    manual_dir: Optional[str] = setting(
+        None, "imagenet2012: directory holding ILSVRC2012_img_train.tar and "
+        "ILSVRC2012_img_val.tar (default <data_dir>/downloads/manual).", group="data",
+        execution=True)
+    download: bool = setting(True, "Let tfds download the dataset if missing.", group="data",
+                             execution=True)
+    augment: bool = setting(False, "Paper augmentation. CIFAR: pad 4, random 32x32 crop, "
+                            "random flip; ImageNet: shorter side random in [256, 480], random "
+                            "224 crop, flip (without it: the evaluation centre crop).",
+                            group="data", hparam=True)
+    train_examples: int = setting(0, "Use only the first N training examples (0 = all).",
+                                  group="data")
+    test_examples: int = setting(0, "Use only the first N test examples (0 = all).",
+                                 group="data")
+    image_size: int = setting(32, "Synthetic data: image side in pixels.", group="data")
+    num_classes: int = setting(10, "Synthetic data: classes.", group="data")
+    synthetic_train: int = setting(1024, "Synthetic data: training examples.", group="data")
+    synthetic_test: int = setting(256, "Synthetic data: test examples.", group="data")
     # Optimisation: summed-gradient SGD, eta = batch_size * base_lr.
-    batch_size: int = 128
-    base_lr: Optional[float] = None
-    log2_base_lr: Optional[float] = None
-    weight_decay: Optional[float] = None  # None: the paper's value for the model.
-    weight_decay_on: str = "kernels"
-    epochs: int = 82
-    lr_decay_fractions: Tuple[float, ...] = (0.5, 0.75)
-    lr_decay_epochs: Tuple[int, ...] = ()  # overrides the fractions when given
-    lr_decay_factor: float = 0.1
-    warmup: bool = False
-    warmup_fraction: float = 0.05
-    warmup_start_factor: float = 1.0 / 32
+    batch_size: int = setting(128, "SGD batch size m (global, all replicas).",
+                              group="optimization", hparam=True)
+    base_lr: Optional[float] = setting(
+        None, "Base learning rate eta_tilde of the summed-gradient update; the mean-gradient "
+        "learning rate is eta = batch_size * base_lr.", group="optimization", hparam=True)
+    log2_base_lr: Optional[float] = setting(
+        None, "log2 of --base_lr (the paper's x-axis); give one of the two.",
+        group="optimization", hparam=True)
+    weight_decay: Optional[float] = setting(
+        None, "L2 coefficient lambda (loss + lambda/2 |w|^2); default: the model's "
+        "(5e-4 for alexnet_reduced, 1e-4 for the ResNets).", group="optimization",
+        hparam=True)
+    weight_decay_on: str = setting("kernels", "Decay conv/dense kernels only, or all "
+                                   "trainable variables.", group="optimization",
+                                   choices=models.DECAY_SCOPES)
+    epochs: int = setting(82, "Training epochs.", group="schedule", hparam=True)
+    lr_decay_fractions: Tuple[float, ...] = setting(
+        (0.5, 0.75), "Multiply the learning rate by --lr_decay_factor at these fractions of "
+        "all iterations (each boundary rounded half up to a whole step).", group="schedule")
+    lr_decay_epochs: Tuple[int, ...] = setting(
+        (), "Decay at the start of these epochs instead of at fractions.", group="schedule")
+    lr_decay_factor: float = setting(0.1, "Multiplier at each decay.", group="schedule")
+    warmup: bool = setting(False, "Goyal et al. gradual warm-up: start at "
+                           "eta * warmup_start_factor, linear to eta over warmup_fraction of "
+                           "all iterations.", group="schedule", hparam=True)
+    warmup_fraction: float = setting(0.05, "Warm-up length, a fraction of all iterations.",
+                                     group="schedule")
+    warmup_start_factor: float = setting(1.0 / 32, "Warm-up starting multiplier.",
+                                         group="schedule")
     # Evaluation and records.
-    median_of: int = 5
-    divergence_factor: float = 0.0  # > 0: also diverged when loss > factor * initial loss
-    checkpoint_every_steps: int = 0  # 0: checkpoint at epoch ends only
-    eval_batch_size: int = 512  # a power of two: divisible by any replica count
-    histogram_freq: int = 0
-    output_dir: str = "runs/default"
+    median_of: int = setting(5, "Report the median test accuracy of this many final epochs.",
+                             group="records")
+    divergence_factor: float = setting(
+        0.0, "Also stop as diverged when the running train loss exceeds this multiple of its "
+        "first value (0 = only NaN/Inf).", group="records")
+    checkpoint_every_steps: int = setting(
+        0, "Also checkpoint every N steps (0 = at epoch ends only); for long epochs on "
+        "preemptible machines.", group="records", execution=True)
+    eval_batch_size: int = setting(512, "Test-set batch size, a power of two so that any "
+                                   "replica count divides it; the last batch is padded "
+                                   "(padding not counted).", group="records", execution=True)
+    histogram_freq: int = setting(0, "Write weight histograms to TensorBoard every N epochs "
+                                  "(0 = never).", group="records", execution=True)
+    output_dir: str = setting("runs/default", "Where the run's records go.", group="records",
+                              execution=True)
     # Execution.
-    seed: int = 0
-    deterministic: bool = False
-    strategy: str = "default"
-    tpu: str = ""  # --strategy=tpu: `local` on a TPU VM, a TPU name, or grpc://host:port
-    precision: str = "float32"  # mixed_bfloat16: bf16 compute, float32 weights and loss
-    steps_per_execution: int = 0  # 0: auto, the largest divisor of the epoch's steps <= 32
-    unrolled_steps: int = 1  # steps per loop iteration in a block (a divisor of the block)
-    jit_compile: bool = False
+    seed: int = setting(0, "Seed for initialization, data order and augmentation.",
+                        group="execution", hparam=True)
+    deterministic: bool = setting(False, "Also enable TF op determinism (identical "
+                                  "histories, slower).", group="execution", execution=True)
+    strategy: str = setting("default", "tf.distribute strategy: default (one device), "
+                            "mirrored (local GPUs), multi_worker (cluster from TF_CONFIG), "
+                            "tpu (see --tpu).", group="execution",
+                            choices=distribute.STRATEGIES, execution=True)
+    tpu: str = setting("", "With --strategy=tpu: `local` on a TPU VM, a TPU name, or "
+                       "grpc://ADDRESS:8470.", group="execution", execution=True)
+    precision: str = setting("float32", "mixed_bfloat16 computes in bfloat16 on GPU/TPU; "
+                             "weights, loss, gradients and BN statistics stay float32.",
+                             group="execution", choices=PRECISIONS)
+    steps_per_execution: int = setting(
+        0, "Training steps per compiled call; must divide the steps per epoch (0 = auto: "
+        "the largest divisor up to 32).", group="execution", execution=True)
+    unrolled_steps: int = setting(
+        1, "Steps traced one after another in each iteration of a block's loop (the largest "
+        "divisor of --steps_per_execution up to this); the same updates in the same order "
+        "(measurements: docs/bench_cpu.md).", group="execution", execution=True)
+    jit_compile: bool = setting(False, "Compile the train step with XLA.", group="execution",
+                                execution=True)
 
     # ------------------------------------------------------------------ resolution
     def resolve(self) -> "Config":
         """Returns a copy with derived defaults filled in; raises ConfigError if impossible."""
         c = self
-        _choose("model", c.model, MODEL_NAMES)
-        _choose("norm", c.norm, NORM_NAMES)
-        _choose("strategy", c.strategy, STRATEGIES)
-        _choose("precision", c.precision, PRECISIONS)
-        _choose("weight_decay_on", c.weight_decay_on, WEIGHT_DECAY_SCOPES)
+        for field in dataclasses.fields(c):
+            if field.metadata["choices"]:
+                _choose(field.name, getattr(c, field.name), field.metadata["choices"])
         info = self.data_info()  # validates dataset name, cifar_dir contents and caps
         if c.manual_dir and c.dataset != "imagenet2012":
             raise ConfigError(f"--manual_dir only applies to --dataset=imagenet2012; drop it")
@@ -119,7 +199,7 @@ class Config:
         base_lr = c.base_lr if c.base_lr is not None else 2.0 ** c.log2_base_lr
         if not (base_lr > 0 and math.isfinite(base_lr)):
             raise ConfigError(f"--base_lr={base_lr} must be a positive finite number")
-        weight_decay = (DEFAULT_WEIGHT_DECAY[c.model] if c.weight_decay is None
+        weight_decay = (models.spec(c.model).weight_decay if c.weight_decay is None
                         else c.weight_decay)
         if weight_decay < 0:
             raise ConfigError(f"--weight_decay={weight_decay} must be >= 0")
@@ -186,6 +266,14 @@ class Config:
             unrolled_steps=_unrolled_steps(c.unrolled_steps, steps_per_execution),
             lr_decay_fractions=fractions, lr_decay_epochs=decay_epochs)
 
+    def norm_options(self, bn_batch_size) -> dict:
+        """The normalization settings a model is built with, under their Config names;
+        `bn_batch_size` is the BN batch `check_replicas` resolved (None: the whole replica
+        batch, as synchronized BN needs)."""
+        return dict(bn_batch_size=None if self.bn_sync else bn_batch_size,
+                    bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+                    bn_sync=self.bn_sync, bn_moving_variance=self.bn_moving_variance)
+
     def data_info(self) -> "data.DataInfo":
         """Sizes of the chosen data, computed without TensorFlow (validates the source)."""
         if self.cifar_dir and self.dataset not in ("cifar10", "cifar100"):
@@ -235,6 +323,24 @@ class Config:
             raise ConfigError(f"unknown config keys {unknown}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
+
+
+def fields_where(key):
+    """Names of the Config fields whose `setting()` metadata has `key` true."""
+    return frozenset(f.name for f in dataclasses.fields(Config) if f.metadata[key])
+
+
+# Settings that change how a run executes but not what it computes: an output_dir may be
+# resumed with other values of these, and a sweep ignores them when comparing settings.
+EXECUTION_FIELDS = fields_where("execution")
+HPARAM_FIELDS = fields_where("hparam")
+
+
+def hparams_of(cfg: Config, bn_batch_size: int) -> dict:
+    """The settings shown in TensorBoard's HParams dashboard; `bn_batch_size` is the BN
+    batch the run really uses (0 resolves to the per-replica batch)."""
+    values = {name: getattr(cfg, name) for name in sorted(HPARAM_FIELDS)}
+    return {**values, "bn_batch_size": bn_batch_size}
 
 
 MAX_AUTO_STEPS_PER_EXECUTION = 32

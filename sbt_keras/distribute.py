@@ -17,7 +17,7 @@ import json
 import os
 import re
 
-from sbt_keras.errors import ConfigError
+from sbt_keras.errors import ConfigError, first_line
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 # Cluster roles a MultiWorkerMirroredStrategy trains with.
@@ -117,7 +117,27 @@ def _tpu_strategy(tf, tpu):
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, OSError, ImportError, tf.errors.OpError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"--tpu={tpu}: no TPU could be reached ({first}); on a TPU VM use "
+        raise ConfigError(f"--tpu={tpu}: no TPU could be reached ({first_line(e)}); on a TPU VM use "
                           f"--tpu=local, else the TPU's name or grpc://ADDRESS:8470") from None
     return tf.distribute.TPUStrategy(resolver)
+
+
+# keras-tuner's documented distribution contract: a chief oracle serves trials to workers
+# when these variables are set (KERASTUNER_TUNER_ID "chief" marks the chief).
+TUNER_ENV = ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID")
+
+
+def has_tuner_chief():
+    """Whether this process is part of a keras-tuner chief/worker sweep; ConfigError if
+    the environment sets only some of the variables."""
+    present = [name for name in TUNER_ENV if name in os.environ]
+    if present and len(present) < len(TUNER_ENV):
+        missing = sorted(set(TUNER_ENV) - set(present))
+        raise ConfigError(f"{present[0]} is set but {', '.join(missing)} is not; a "
+                          f"distributed sweep needs all of {', '.join(TUNER_ENV)}")
+    return bool(present)
+
+
+def is_tuner_chief():
+    """Whether this process is the keras-tuner chief, which hands out grid points."""
+    return has_tuner_chief() and "chief" in os.environ["KERASTUNER_TUNER_ID"]

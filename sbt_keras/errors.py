@@ -20,3 +20,12 @@ class Preempted(BaseException):
     trials and moves on, lets it end the sweep. Inside a training run the checkpoint is
     saved first (see training/callbacks.py); elsewhere the process stops at once.
     """
+
+
+def first_line(error, limit=200):
+    """The first non-blank line of an exception's message (its type name when the message
+    is empty), cut to `limit` characters (None: whole): what a one-line report shows of
+    TensorFlow's multi-line errors."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if limit is None else text[:limit]

@@ -18,6 +18,11 @@ from sbt_keras.errors import ConfigError
 # each is read. `seed` comes from --seeds=N.
 AXES = ("batch_size", "log2_base_lr", "bn_batch_size", "epochs", "seed")
 _POWER_OF_TWO_AXES = ("batch_size", "bn_batch_size")
+# What a --grid_<axis> value looks like, for its help text.
+AXIS_EXAMPLES = {"batch_size": "2,8,32 or 2:2048 (powers of two)",
+                 "log2_base_lr": "-8,-7 or -12:0 or -12:0:0.5",
+                 "bn_batch_size": "2,4,8 or 2:64 (powers of two)",
+                 "epochs": "41,82,164"}
 BEST_LR = "best_log2_base_lr"  # as_dict()'s {m: log2 eta_tilde} from --grid_best_lr_from
 
 

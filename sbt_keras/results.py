@@ -129,3 +129,29 @@ def median_of_final(values, n):
 
 def is_finite(x):
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def summarize(rows, cfg, num_classes, diverged_at_step=None):
+    """result.yaml's content from a run's history rows and its Config."""
+    accuracies = [r["test_accuracy"] for r in rows]
+    last = rows[-1] if rows else {}
+    diverged = diverged_at_step is not None or not is_finite(last.get("train_loss"))
+    result = {
+        "status": "diverged" if diverged else "completed",
+        # A diverged run is reported at chance level, as in the paper's figures.
+        "test_accuracy": (1.0 / num_classes if diverged
+                          else median_of_final(accuracies, cfg.median_of)),
+        "median_of": cfg.median_of,
+        "best_test_accuracy": max(accuracies) if accuracies else None,
+        "final_test_accuracy": last.get("test_accuracy"),
+        "final_train_loss": last.get("train_loss"),
+        "epochs_completed": len(rows),
+        "steps": last.get("step", 0),
+        "wall_seconds": last.get("wall_seconds", 0.0),
+        "batch_size": cfg.batch_size,
+        "base_lr": cfg.base_lr,
+        "log2_base_lr": cfg.log2_base_lr,
+    }
+    if diverged:
+        result["diverged_at_step"] = diverged_at_step or last.get("step")
+    return result

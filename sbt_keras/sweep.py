@@ -14,8 +14,9 @@ Layout of a sweep's output_dir:
 Resume works at two levels. Trial directories are named by the point's values, not by
 keras-tuner's trial id, so a re-run of a finished point returns its stored result at once and
 an interrupted one resumes from its last epoch checkpoint. keras-tuner's GridSearchOracle
-does not save its grid cursor (`_ordered_ids`, `_populate_next`), so after a reload it either
-stops early or raises KeyError (keras-tuner issue 1055); `_ResumableGridOracle` saves them.
+does not save its grid cursor, so after a reload it either stops early or raises KeyError
+(keras-tuner issue 1055); `ResumableGridOracle` saves it. The private keras-tuner hooks this
+touches are listed in `sbt_keras/upstream.py`.
 """
 import hashlib
 import json
@@ -24,15 +25,14 @@ import os
 
 import keras_tuner
 from absl import logging
-from keras_tuner.src.distribute import utils as dist_utils
-from keras_tuner.src.tuners import gridsearch
 
 from sbt_keras import distribute
 from sbt_keras import grid as grid_lib
 from sbt_keras import results
 from sbt_keras.config import Config
 from sbt_keras.errors import ConfigError
-from sbt_keras.train import EXECUTION_FIELDS, train
+from sbt_keras.config import EXECUTION_FIELDS
+from sbt_keras.train import train
 
 SWEEP_FILE = results.SWEEP_FILE  # its presence marks a sweep directory
 RESULTS_STEM = "results"
@@ -46,12 +46,12 @@ RESULT_COLUMNS = ("trial", "batch_size", "log2_base_lr", "base_lr", "bn_batch_si
 def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
     """Runs every valid point of `grid` (skipping finished ones); returns the result rows."""
     out = base.output_dir
-    distributed = dist_utils.has_chief_oracle()
+    distributed = distribute.has_tuner_chief()
     if distributed:
         _share_devices()
     # Points the strategy's replicas cannot split are skipped like other invalid points;
     # a keras-tuner chief only hands out points, so it creates no strategy.
-    trains = not distributed or not dist_utils.is_chief_oracle()
+    trains = not distributed or not distribute.is_tuner_chief()
     replicas = (distribute.make_strategy(base.strategy, base.tpu).num_replicas_in_sync
                 if trains else 1)
     valid, skipped = grid_lib.split_points(base, grid, lambda p: trial_dir(out, p), replicas)
@@ -60,7 +60,7 @@ def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
     skipped_names = {p.name: reason for p, reason in skipped}
     for name, reason in skipped_names.items():
         logging.warning("Skipping %s: %s", name, reason)
-    if not distributed or dist_utils.is_chief_oracle():
+    if not distributed or distribute.is_tuner_chief():
         _write_hparams_config(out, sweep_grid)
 
     hp = keras_tuner.HyperParameters()
@@ -218,8 +218,6 @@ def _union_grid(out, stored, union):
         if field != grid_lib.BEST_LR:
             union[field] = sorted(set(union.get(field, [])) | set(values))
     theirs, mine = stored.get(grid_lib.BEST_LR) or {}, union.get(grid_lib.BEST_LR) or {}
-    if not isinstance(theirs, dict):  # older versions stored only the list of m
-        theirs = {}
     changed = sorted(m for m in set(theirs) & set(mine) if theirs[m] != mine[m])
     if changed:  # the earlier sweep was extended since: two rates per m would mix in a curve
         m = changed[0]
@@ -311,7 +309,7 @@ def _hparam_domains(union_grid):
 
 
 # ---------------------------------------------------------------------- keras-tuner fix
-class ResumableGridOracle(gridsearch.GridSearchOracle):
+class ResumableGridOracle(keras_tuner.oracles.GridSearchOracle):
     """A GridSearchOracle that saves and restores its grid cursor (see module docstring),
     and writes its state files atomically: keras-tuner writes them in place, so a kill
     during a save would leave truncated JSON that stops the sweep's resume."""
@@ -331,7 +329,7 @@ class ResumableGridOracle(gridsearch.GridSearchOracle):
 
     def set_state(self, state):
         super().set_state(state)
-        self._ordered_ids = gridsearch.LinkedList()
+        self._ordered_ids = type(self._ordered_ids)()  # keras-tuner's LinkedList
         for trial_id in state.get("grid_order", []):
             self._ordered_ids.insert(trial_id)
         self._populate_next = list(state.get("grid_populate_next", []))

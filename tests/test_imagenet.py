@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from sbt_keras import models, results
+from sbt_keras.models import resnet_imagenet
 from sbt_keras.data import imagenet, pipeline
 from sbt_keras.errors import ConfigError
 from sbt_keras.layers import SubBatchNormalization
@@ -90,8 +91,8 @@ def test_resnet50_small_input_forward(norm):
 
 
 def test_resnet50_registered():
-    assert models.DEFAULT_WEIGHT_DECAY["resnet50"] == 1e-4
-    assert models.MODELS["resnet50"] is models.resnet_imagenet.resnet50
+    assert models.spec("resnet50").weight_decay == 1e-4
+    assert models.builder("resnet50") is resnet_imagenet.resnet50
 
 
 # ---------------------------------------------------------------- preprocessing

@@ -188,9 +188,8 @@ def test_decayed_variables_unknown_scope():
 
 
 def test_registries():
-    assert set(models.DEFAULT_WEIGHT_DECAY) == set(models.MODELS)
-    assert models.DEFAULT_WEIGHT_DECAY["alexnet_reduced"] == 5e-4
-    assert all(models.DEFAULT_WEIGHT_DECAY[f"resnet{d}"] == 1e-4 for d in (8, 20, 32))
+    assert models.spec("alexnet_reduced").weight_decay == 5e-4
+    assert all(models.spec(f"resnet{d}").weight_decay == 1e-4 for d in (8, 20, 32))
     with pytest.raises(ConfigError, match=r"^--model=vgg is unknown; choose one of alexnet_"
                                           r"reduced, resnet8, resnet20, resnet32, resnet50$"):
         models.build("vgg")

@@ -15,7 +15,7 @@ from sbt_keras.config import Config
 from sbt_keras.errors import ConfigError
 from sbt_keras import sweep
 from sbt_keras.sweep import run_sweep
-from sbt_keras.train import EXECUTION_FIELDS
+from sbt_keras.config import EXECUTION_FIELDS
 
 
 def test_lists_and_ranges():
@@ -310,7 +310,7 @@ def test_median_of_final_five_by_hand():
 
 
 def test_a_diverged_run_is_reported_at_chance_not_its_median():
-    from sbt_keras.train import summarize
+    from sbt_keras.results import summarize
     cfg = _base(pathlib.Path("."), median_of=5)
     rows = [dict(epoch=e, step=e, train_loss=1.0, test_accuracy=a)
             for e, a in enumerate([0.5, 0.6, 0.62, 0.64, 0.61], 1)]

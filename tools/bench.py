@@ -114,7 +114,7 @@ def sbt_block(name, norm, m, shape, bn_batch_size, steps, spe, jit, unrolled=1,
     """(block on in-memory data, block fed by the augmenting input pipeline or None, net):
     the same compiled model for both."""
     net = _network(name, norm, m, bn_batch_size, shape)
-    model = SummedGradientModel(net, models.DEFAULT_WEIGHT_DECAY[name],
+    model = SummedGradientModel(net, models.spec(name).weight_decay,
                                 models.decayed_variables(net), unrolled_steps=unrolled)
     model.compile(optimizer=build_optimizer(2.0 ** -8), steps_per_execution=spe or steps,
                   jit_compile=jit)

@@ -189,3 +189,35 @@ def load(
         )
 
     return Splits(train=arrays(train, n_train), test=arrays(test, n_test), num_classes=info.num_classes)
+
+
+def source(cfg, strategy=None):
+    """Where a run's batches come from: `train_dataset(...)` and `eval_dataset(...)`
+    (data/pipeline.py's signatures), for the resolved Config `cfg`."""
+    import functools
+    import types
+
+    from sbt_keras.data import augment, pipeline
+
+    if cfg.dataset == "imagenet2012":  # streamed from tfds
+        from sbt_keras.data import imagenet
+
+        # Each worker reads the stream but decodes only its share (imagenet.py).
+        where = dict(data_dir=cfg.data_dir, manual_dir=cfg.manual_dir, strategy=strategy)
+        return types.SimpleNamespace(
+            train_dataset=functools.partial(imagenet.train_dataset,
+                                            train_examples=cfg.train_examples, **where),
+            eval_dataset=functools.partial(imagenet.eval_dataset,
+                                           test_examples=cfg.test_examples, **where))
+    splits = load(  # small enough to hold in memory
+        cfg.dataset, cifar_dir=cfg.cifar_dir, data_dir=cfg.data_dir, download=cfg.download,
+        train_examples=cfg.train_examples, test_examples=cfg.test_examples,
+        image_size=cfg.image_size, num_classes=cfg.num_classes,
+        synthetic_train=cfg.synthetic_train, synthetic_test=cfg.synthetic_test,
+        seed=cfg.seed)
+    mean, std = augment.channel_stats(splits.train.images)
+    return types.SimpleNamespace(
+        train_dataset=functools.partial(pipeline.train_dataset, splits.train, mean=mean,
+                                        std=std),
+        eval_dataset=functools.partial(pipeline.eval_dataset, splits.test, mean=mean,
+                                       std=std))

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from sbt_keras.errors import ConfigError
+from sbt_keras.errors import ConfigError, first_line
 
 # Batch size used to pull examples out of tfds; big enough to be fast, small enough
 # that no single tensor is the whole split.
@@ -52,9 +52,8 @@ def load_tfds(name, data_dir, download):
         tf.errors.OpError,  # e.g. unreadable gs:// bucket
     ) as e:
         where = data_dir or "the default tfds directory"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
-            f"--dataset={name}: tfds could not load it from {where} ({first[:200]}); "
+            f"--dataset={name}: tfds could not load it from {where} ({first_line(e)}); "
             f"pass --cifar_dir with the extracted binary archive, or --data_dir with a "
             f"prepared tfds directory"
         ) from e

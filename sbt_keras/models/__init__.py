@@ -1,34 +1,73 @@
-"""Models selectable by name (`--model`), their weight decay, and what it applies to."""
-import keras
+"""Models selectable by name (`--model`): one registry entry each, with its defaults.
+
+Importing this package does not import TensorFlow: the config validates `--model` and takes
+each model's defaults from `MODELS` before anything heavy loads. A builder is imported only
+when `build()` asks for it.
+"""
+import dataclasses
+import importlib
 
 from sbt_keras.errors import ConfigError
-from sbt_keras.models import alexnet, resnet_cifar, resnet_imagenet
 
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model: where its builder lives and the paper's defaults for it."""
+    builder: str  # "module:function", imported by build()
+    weight_decay: float  # L2 lambda, paper §3.1 (after Krizhevsky et al. and He et al.)
+    image_size: int  # the input side the architecture is defined for
+    # Channel counts of the layers a normalization follows (convs, and hidden dense layers
+    # where `norm_dense`): what a per-channel-group setting such as --gn_groups must divide.
+    norm_channels: tuple
+
+
+_CIFAR_RESNET_CHANNELS = (16, 32, 64)
 MODELS = {
-    "alexnet_reduced": alexnet.build,
-    "resnet8": resnet_cifar.resnet8,
-    "resnet20": resnet_cifar.resnet20,
-    "resnet32": resnet_cifar.resnet32,
-    "resnet50": resnet_imagenet.resnet50,
+    "alexnet_reduced": ModelSpec("sbt_keras.models.alexnet:build", 5e-4, 32,
+                                 (16, 48, 96, 64, 256)),
+    "resnet8": ModelSpec("sbt_keras.models.resnet_cifar:resnet8", 1e-4, 32,
+                         _CIFAR_RESNET_CHANNELS),
+    "resnet20": ModelSpec("sbt_keras.models.resnet_cifar:resnet20", 1e-4, 32,
+                          _CIFAR_RESNET_CHANNELS),
+    "resnet32": ModelSpec("sbt_keras.models.resnet_cifar:resnet32", 1e-4, 32,
+                          _CIFAR_RESNET_CHANNELS),
+    "resnet50": ModelSpec("sbt_keras.models.resnet_imagenet:resnet50", 1e-4, 224,
+                          (64, 128, 256, 512, 1024, 2048)),
 }
 
-# L2 weight decay lambda per model (paper §3.1, after Krizhevsky et al. and He et al.).
-DEFAULT_WEIGHT_DECAY = {
-    "alexnet_reduced": 5e-4,
-    "resnet8": 1e-4,
-    "resnet20": 1e-4,
-    "resnet32": 1e-4,
-    "resnet50": 1e-4,
-}
+DECAY_SCOPES = ("kernels", "all")
 
-DECAY_SCOPES = ("all", "kernels")
+# Config field name -> the normalization layers' option name, where they differ.
+_NORM_OPTION_NAMES = {"bn_momentum": "momentum", "bn_epsilon": "epsilon",
+                      "bn_sync": "synchronized", "bn_moving_variance": "moving_variance"}
 
 
-def build(name, **kwargs):
-    """Builds the model registered as `name`; kwargs go to its builder."""
+def spec(name) -> ModelSpec:
+    """The registry entry of `name`; ConfigError naming the choices if there is none."""
     if name not in MODELS:
         raise ConfigError(f"--model={name} is unknown; choose one of {', '.join(MODELS)}")
-    return MODELS[name](**kwargs)
+    return MODELS[name]
+
+
+def builder(name):
+    """The function that builds model `name` (imports its module)."""
+    module, function = spec(name).builder.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def build(name, *, norm="batch", norm_dense=True, input_shape=None, num_classes=None,
+          **norm_options):
+    """Builds the model registered as `name` as a functional Keras model outputting logits.
+
+    `input_shape` and `num_classes` default to the architecture's own (32x32x3 and 10 for
+    the CIFAR models, 224x224x3 and 1000 for ResNet-50). `norm_options` are normalization
+    settings under their Config names (bn_batch_size, bn_momentum, bn_epsilon, bn_sync,
+    ...); each normalization uses the ones it needs.
+    """
+    sizes = {k: v for k, v in (("input_shape", input_shape), ("num_classes", num_classes))
+             if v is not None}
+    options = {_NORM_OPTION_NAMES.get(k, k): v for k, v in norm_options.items()}
+    return builder(name)(norm=norm, norm_dense=norm_dense, norm_options=options, **sizes)
 
 
 def _all_layers(model):
@@ -45,6 +84,8 @@ def decayed_variables(model, scope="kernels"):
     "kernels": the kernel of every Conv2D and Dense layer (no biases, no normalization
     parameters); "all": every trainable variable.
     """
+    import keras
+
     if scope == "all":
         return list(model.trainable_variables)
     if scope == "kernels":

@@ -12,15 +12,15 @@ HIDDEN_UNITS = (256, 256)
 
 def build(
     *, input_shape=(32, 32, 3), num_classes=10, norm="batch", norm_dense=True,
-    bn_batch_size=None, bn_momentum=0.99, bn_epsilon=1e-3, bn_sync=False,
+    norm_options=None,
 ):
     """Builds the reduced AlexNet as a functional model that outputs logits.
 
     Normalization (unless `norm="none"`) follows every convolution, before its ReLU, and
-    also the two hidden dense layers when `norm_dense` (paper Fig. 5 vs. Fig. 6).
+    also the two hidden dense layers when `norm_dense` (paper Fig. 5 vs. Fig. 6);
+    `norm_options` go to every normalization layer (`sbt_keras.layers.norm_layer`).
     """
-    options = dict(bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
-                   synchronized=bn_sync)
+    options = norm_options or {}
 
     def normalize(x, channels, name):
         return normalized(x, norm, channels=channels, layer_name=name, **options)

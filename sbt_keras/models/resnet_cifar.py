@@ -25,10 +25,11 @@ def _shortcut_a(x, filters):
 
 def build_resnet(
     depth, *, input_shape=(32, 32, 3), num_classes=10, norm="batch", norm_dense=True,
-    bn_batch_size=None, bn_momentum=0.99, bn_epsilon=1e-3, bn_sync=False,
+    norm_options=None,
 ):
     """Builds a CIFAR ResNet of `depth` = 6n+2 layers as a functional model that outputs logits.
 
+    `norm_options` go to every normalization layer (`sbt_keras.layers.norm_layer`).
     `norm_dense` is accepted for a common builder signature and ignored: the only dense
     layer is the classifier.
     """
@@ -38,8 +39,7 @@ def build_resnet(
     blocks_per_stage = (depth - 2) // 6
     use_bias = norm == "none"
 
-    options = dict(bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
-                   synchronized=bn_sync)
+    options = norm_options or {}
 
     def conv_norm(x, filters, strides, name, relu):
         x = _conv3x3(filters, strides, use_bias, name)(x)

@@ -16,7 +16,7 @@ EXPANSION = 4
 
 def resnet50(
     *, input_shape=(224, 224, 3), num_classes=1000, norm="batch", norm_dense=True,
-    bn_batch_size=None, bn_momentum=0.99, bn_epsilon=1e-3, bn_sync=False,
+    norm_options=None,
 ):
     """Builds ResNet-50 v1 as a functional model that outputs logits.
 
@@ -30,8 +30,7 @@ def resnet50(
     del norm_dense
     use_bias = norm == "none"
 
-    options = dict(bn_batch_size=bn_batch_size, momentum=bn_momentum, epsilon=bn_epsilon,
-                   synchronized=bn_sync)
+    options = norm_options or {}  # for every normalization layer (layers.norm_layer)
 
     def conv_norm(x, filters, kernel, strides, name, relu):
         x = keras.layers.Conv2D(

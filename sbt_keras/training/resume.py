@@ -1,0 +1,151 @@
+"""Resuming a run: what its directory already holds, and what training does next.
+
+`resume_plan` is the decision, a pure function of step counts: which epochs `fit` runs and
+from which batch, and which history rows stay. `check_output_dir` refuses a directory that
+holds something else; `restore_latest` loads the newest readable checkpoint. The data
+stream is a pure function of (seed, epoch, batch) (data/pipeline.py), so a run resumed at
+(epoch, batch) sees exactly the batches an uninterrupted run would.
+"""
+import dataclasses
+import os
+
+from absl import logging
+
+from sbt_keras import results
+from sbt_keras.config import EXECUTION_FIELDS
+from sbt_keras.errors import ConfigError, first_line
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One `fit` call: epochs [first, last), the first of them starting at batch `skip`."""
+    first: int
+    last: int
+    skip: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+    """What a run does next, given the global step its checkpoint holds."""
+    start_step: int
+    initial_epoch: int  # the epoch the checkpoint is in (0-based)
+    skip: int  # steps of `initial_epoch` already done; > 0: resumed mid-epoch
+    phases: tuple  # Phase, ...; empty when every epoch is done
+    history_rows: int  # history.csv rows that stay; later ones are redone
+
+    @property
+    def mid_epoch(self):
+        """The epoch's running metric sums come from the checkpoint, not from zero."""
+        return self.skip > 0
+
+
+def resume_plan(start_step, *, steps_per_epoch, epochs, steps_per_execution,
+                history_rows) -> ResumePlan:
+    """The plan for a run whose newest checkpoint is at global step `start_step` (0: none)
+    and whose history.csv has `history_rows` rows.
+
+    A run resumed mid-epoch first finishes that epoch from its next batch, then trains the
+    remaining epochs from their first batch: two `fit` calls, since `fit` starts every epoch
+    at batch 0. Raises ConfigError if the checkpoint sits inside a block of
+    `steps_per_execution` steps (Keras runs whole blocks), and RuntimeError if history.csv
+    lacks a row of an epoch the checkpoint has finished (an epoch end is only saved after
+    its row is written, so that means the records were changed by hand).
+    """
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step} must be >= 0")
+    initial_epoch, skip = divmod(start_step, steps_per_epoch)
+    if skip % steps_per_execution:
+        raise ConfigError(f"the checkpoint is at step {start_step}, inside a block of "
+                          f"--steps_per_execution={steps_per_execution}; resume with a "
+                          f"divisor of {skip}")
+    if history_rows < initial_epoch:
+        raise RuntimeError(f"the checkpoint at step {start_step} is past epoch "
+                           f"{initial_epoch}, but history.csv has {history_rows} rows; the "
+                           f"records are inconsistent, start a new --output_dir")
+    phases = []
+    if skip:
+        phases.append(Phase(initial_epoch, initial_epoch + 1, skip))
+    first_whole = initial_epoch + (1 if skip else 0)
+    if first_whole < epochs:
+        phases.append(Phase(first_whole, epochs, 0))
+    return ResumePlan(start_step=start_step, initial_epoch=initial_epoch, skip=skip,
+                      phases=tuple(phases), history_rows=initial_epoch)
+
+
+def restore_latest(directory, checkpoint, model):
+    """Restores the newest readable checkpoint in `directory`; returns its global step
+    (0: none).
+
+    A truncated or corrupted newest checkpoint is reported and the previous one used; if
+    none is readable the run starts from its initial weights.
+    """
+    import tensorflow as tf
+
+    state = tf.train.get_checkpoint_state(directory)
+    paths = list(state.all_model_checkpoint_paths) if state else []
+    if not paths:
+        return 0
+    initial = [v.numpy() for v in model.variables] + [model.optimizer.iterations.numpy()]
+    for path in reversed(paths):
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+            return int(model.optimizer.iterations.numpy())
+        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back
+            logging.warning("Checkpoint %s is unreadable (%s: %s); trying an older one.",
+                            path, type(error).__name__, first_line(error))
+    logging.warning("No readable checkpoint in %s; starting from scratch.", directory)
+    for variable, value in zip([*model.variables, model.optimizer.iterations], initial):
+        variable.assign(value)
+    return 0
+
+
+def stored_config(output_dir):
+    """The config.yaml a directory already holds, or {}."""
+    path = os.path.join(output_dir, results.CONFIG_FILE)
+    return (results.read_yaml(path) or {}) if results.exists(path) else {}
+
+
+def check_output_dir(cfg, info, stored):
+    """None for a new or resumable run; the stored result if this run already finished.
+
+    Raises ConfigError if the directory holds a sweep, or a different run: other settings
+    (execution-only ones aside), or other data sizes (a CIFAR subset where the full set
+    was, say, under the same paths).
+    """
+    if results.exists(os.path.join(cfg.output_dir, results.SWEEP_FILE)):
+        raise ConfigError(f"--output_dir={cfg.output_dir} holds a sweep, not a single run; "
+                          f"choose another --output_dir")
+    if not stored:
+        return None
+    mine = cfg.to_dict()
+    different = sorted(k for k in mine if k not in EXECUTION_FIELDS
+                       and stored.get(k) != mine[k])
+    shown = [f"{k}: {stored.get(k)!r} -> {mine[k]!r}" for k in different]
+    sizes = stored.get("derived") or {}
+    for key, now in (("num_train", info.num_train), ("num_test", info.num_test)):
+        if key in sizes and sizes[key] != now:
+            shown.append(f"{key}: {sizes[key]!r} -> {now!r}")
+    if shown:
+        raise ConfigError(f"--output_dir={cfg.output_dir} holds a different run "
+                          f"({', '.join(shown[:3])}); choose a new --output_dir or delete "
+                          f"the old one")
+    result_path = os.path.join(cfg.output_dir, results.RESULT_FILE)
+    if results.exists(result_path):
+        result = results.read_yaml(result_path) or {}
+        if result.get("status") in ("completed", "diverged"):
+            return result
+    return None
+
+
+def check_bn_batch(stored, bn_batch_size, replicas, output_dir):
+    """Refuses resuming on a replica count that changes the BN batch: --bn_batch_size=0
+    means "the per-replica batch", so another replica count would silently resume with
+    other BN statistics."""
+    before = stored.get("derived", {})
+    if before.get("bn_batch_size", bn_batch_size) != bn_batch_size:
+        raise ConfigError(
+            f"--output_dir={output_dir} was trained with BN over {before['bn_batch_size']} "
+            f"examples on {before.get('replicas')} replicas; on {replicas} it would be "
+            f"{bn_batch_size}: resume with {before.get('replicas')} replicas")

@@ -1,0 +1,58 @@
+"""Every private Keras / keras-tuner hook sbt_keras overrides or reads, in one place.
+
+The pins in requirements.txt guard these; `tests/test_upstream.py` checks each one against
+the installed libraries and fails naming this list when an upgrade renames, removes or
+re-signs one. Where a public mechanism does the job it is used instead (keras-tuner's
+distribution is read from its documented KERASTUNER_* environment variables, the grid
+oracle is imported from the public `keras_tuner.oracles`).
+
+Keras 3 (`sbt_keras/training/summed_sgd.py`, `SummedGradientModel`):
+- `keras.Model._maybe_symbolic_build(iterator=None, data_batch=None)`, overridden. Under a
+  strategy Keras pulls one input batch and MEAN-reduces it eagerly to build the model;
+  under MultiWorkerMirroredStrategy that reduce fails on per-replica inputs. No upstream
+  issue found; `tests/test_strategies.py`'s two-worker test reproduces it.
+- `make_train_function(force=False)` / `make_test_function(force=False)`, overridden
+  (public methods, private contract: Keras reads `self.train_function` /
+  `self.test_function` back). Keras wraps every step of its multi-step loop in a `tf.cond`,
+  and the optimizer's cross-replica merge fails there under Mirrored and MultiWorker
+  strategies (keras-team/keras#19246).
+- Attributes read: `steps_per_execution`, `jit_compile`, `distribute_strategy`,
+  `train_function`, `test_function` (set by `compile` / `make_*_function`).
+
+keras-tuner 1.4 (`sbt_keras/sweep.py`):
+- `GridSearchOracle._ordered_ids` (a `LinkedList`, read through `_memory` and
+  `_next_index`) and `GridSearchOracle._populate_next`: the grid cursor, which keras-tuner
+  does not save, so a reloaded sweep stops early or raises KeyError (keras-tuner#1055).
+  `ResumableGridOracle` saves and restores them.
+- `Oracle._get_oracle_fname()`, `Oracle._get_trial_dir(trial_id)`,
+  `Oracle._save_trial(trial)` and `Tuner._get_tuner_fname()`, `Tuner._is_worker()`:
+  keras-tuner writes its oracle, trial and tuner JSON in place, so a kill during a save
+  leaves truncated JSON that stops the resume; ours write them atomically. No upstream
+  issue found.
+"""
+import inspect
+
+# (what, owner, attribute, parameter names after self; None: an attribute, not a method).
+# Instance attributes are checked on an instance the test builds (see test_upstream.py).
+KERAS_METHODS = (
+    ("keras.Model", "_maybe_symbolic_build", ("iterator", "data_batch")),
+    ("keras.Model", "make_train_function", ("force",)),
+    ("keras.Model", "make_test_function", ("force",)),
+)
+KERAS_MODEL_ATTRIBUTES = ("steps_per_execution", "jit_compile", "distribute_strategy",
+                          "train_function", "test_function")
+TUNER_METHODS = (
+    ("keras_tuner.Oracle", "_get_oracle_fname", ()),
+    ("keras_tuner.Oracle", "_get_trial_dir", ("trial_id",)),
+    ("keras_tuner.Oracle", "_save_trial", ("trial",)),
+    ("keras_tuner.Tuner", "_get_tuner_fname", ()),
+    ("keras_tuner.Tuner", "_is_worker", ()),
+)
+GRID_ORACLE_ATTRIBUTES = ("_ordered_ids", "_populate_next")
+LINKED_LIST_ATTRIBUTES = ("_memory", "_next_index")
+
+
+def parameter_names(function):
+    """The parameter names of `function` after `self`."""
+    names = list(inspect.signature(function).parameters)
+    return tuple(names[1:] if names and names[0] == "self" else names)
