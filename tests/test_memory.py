@@ -1,4 +1,7 @@
 """The up-front memory check and the out-of-memory report."""
+import pathlib
+import re
+
 import keras
 import pytest
 import tensorflow as tf
@@ -53,6 +56,21 @@ def test_check_fits_refuses_in_one_line_and_allows_what_fits():
         memory.check_fits(net, batch_size=64, examples=64, compute_bytes=4,
                           available=need - 1)
     assert "\n" not in str(err.value)
+
+
+def test_host_available_bytes_is_the_kernels_memavailable(monkeypatch):
+    meminfo = pathlib.Path("/proc/meminfo")
+    if not meminfo.exists():
+        pytest.skip("no /proc/meminfo")
+    kib = int(re.search(r"^MemAvailable:\s+(\d+) kB$", meminfo.read_text(), re.M).group(1))
+    # Two readings a moment apart: allow what other processes may allocate meanwhile.
+    assert abs(memory.host_available_bytes() - kib * 1024) < 256 * 2 ** 20
+
+    def unknown():
+        raise OSError("no memory statistics here")
+
+    monkeypatch.setattr(memory.psutil, "virtual_memory", unknown)
+    assert memory.host_available_bytes() is None
 
 
 def _cfg(tmp_path, **kw):
