@@ -9,7 +9,8 @@ Only host memory is checked (training on CPUs, where the batches of every local 
 share it); GPU and TPU memory is not known to TensorFlow before allocation.
 """
 import math
-import os
+
+import psutil
 
 from sbt_keras.errors import ConfigError
 
@@ -37,10 +38,15 @@ def training_bytes(network, examples, compute_bytes=4):
 
 
 def host_available_bytes():
-    """Free host memory as the OS reports it; None where it cannot tell."""
+    """Host memory available to a new allocation without swapping; None where unknown.
+
+    psutil's `available` (Linux: MemAvailable) counts the page cache the kernel can drop;
+    the free-pages count leaves it out and so refuses batches that fit on a host whose
+    cache holds the data set.
+    """
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        return psutil.virtual_memory().available
+    except (OSError, RuntimeError, NotImplementedError):
         return None
 
 
@@ -54,5 +60,5 @@ def check_fits(network, *, batch_size, examples, compute_bytes, available):
         raise ConfigError(
             f"--batch_size={batch_size} needs at least {need / GIB:.1f} GiB for one training "
             f"step here ({per_example:.1f} MiB of activations per example x {examples} "
-            f"examples on this host), more than the {available / GIB:.1f} GiB free; lower "
+            f"examples on this host), more than the {available / GIB:.1f} GiB available; lower "
             f"--batch_size or train on an accelerator")

@@ -56,7 +56,7 @@ def _numpy_group_bn(x, group, gamma, beta):
      (DENSE_SHAPE, 2), (DENSE_SHAPE, 4), (DENSE_SHAPE, None)],
 )
 def test_training_output_and_moving_stats_match_numpy(shape, group):
-    layer, gamma, beta = _layer(shape, group)
+    layer, gamma, beta = _layer(shape, group, moving_variance="biased")
     x1, x2 = _inputs(shape, seed=0), _inputs(shape, seed=2)
 
     y1 = layer(x1, training=True)
@@ -79,7 +79,8 @@ def test_training_output_and_moving_stats_match_numpy(shape, group):
 @pytest.mark.parametrize("shape", [CONV_SHAPE, DENSE_SHAPE])
 @pytest.mark.parametrize("group", [None, 8])
 def test_whole_batch_equals_keras_batch_normalization(shape, group):
-    layer, gamma, beta = _layer(shape, group)
+    # Keras BN's moving variance is the biased batch variance.
+    layer, gamma, beta = _layer(shape, group, moving_variance="biased")
     reference = keras.layers.BatchNormalization(momentum=MOMENTUM, epsilon=EPS)
     reference.build((None,) + shape[1:])
     reference.gamma.assign(gamma)
@@ -129,7 +130,7 @@ def test_moving_statistics_are_the_mean_of_per_group_keras_bn_copies(shape, grou
     # moving mean/variance must equal the mean over the copies' (Keras takes the biased
     # variance too). Feeding one Keras layer the groups in turn would instead apply G
     # updates per step; the sub-batch convention is one update per step.
-    layer, gamma, beta = _layer(shape, group)
+    layer, gamma, beta = _layer(shape, group, moving_variance="biased")
     copies = []
     for _ in range(shape[0] // group):
         copy = keras.layers.BatchNormalization(momentum=MOMENTUM, epsilon=EPS)
@@ -285,3 +286,145 @@ def test_synchronized_bn_takes_no_sub_batches():
         SubBatchNormalization(bn_batch_size=2, synchronized=True)
     layer = SubBatchNormalization(synchronized=True)
     assert SubBatchNormalization.from_config(layer.get_config()).synchronized
+
+
+# ------------------------------------------------- moving variance, frozen layer, saving
+
+
+def _numpy_moving_statistics(batches, group, estimate):
+    """Moving mean and variance in float64 after one update per batch, from scratch.
+
+    Per group: the mean and the biased (np.var) or Bessel-corrected (np.var, ddof=1)
+    variance, a group of one value per channel contributing 0; then the mean over groups,
+    then the momentum update from mean 0, variance 1.
+    """
+    channels = batches[0].shape[-1]
+    mean, var = np.zeros(channels), np.ones(channels)
+    for x in batches:
+        x = x.astype(np.float64)
+        size = group or x.shape[0]
+        axes = tuple(range(x.ndim - 1))
+        parts = [x[start:start + size] for start in range(0, x.shape[0], size)]
+        values = parts[0][..., 0].size  # per (group, channel)
+        if estimate == "biased":
+            variances = [p.var(axis=axes) for p in parts]
+        elif values > 1:
+            variances = [p.var(axis=axes, ddof=1) for p in parts]
+        else:
+            variances = [np.zeros(channels) for _ in parts]
+        mean = MOMENTUM * mean + (1 - MOMENTUM) * np.mean([p.mean(axis=axes) for p in parts], 0)
+        var = MOMENTUM * var + (1 - MOMENTUM) * np.mean(variances, axis=0)
+    return mean, var
+
+
+def _train_calls(layer, shape, fused):
+    """layer(., training=True) eagerly (4-D: the fused kernel) or traced with an unknown
+    batch dimension (the unfused ops)."""
+    if fused:
+        return lambda x: layer(x, training=True)
+    return tf.function(lambda x: layer(x, training=True),
+                       input_signature=[tf.TensorSpec((None,) + shape[1:], tf.float32)])
+
+
+@pytest.mark.parametrize("estimate", ["unbiased", "biased"])
+@pytest.mark.parametrize(
+    "shape, group, fused",
+    [(CONV_SHAPE, 1, True), (CONV_SHAPE, 4, True), (CONV_SHAPE, None, True),
+     (CONV_SHAPE, 1, False), (CONV_SHAPE, 4, False), (CONV_SHAPE, None, False),
+     ((4, 1, 1, 3), 1, True), ((4, 1, 1, 3), 1, False),  # one value per group
+     (DENSE_SHAPE, 1, False), (DENSE_SHAPE, 4, False), (DENSE_SHAPE, None, False)],
+)
+def test_moving_statistics_match_numpy_estimates(shape, group, fused, estimate):
+    layer, _, _ = _layer(shape, group, moving_variance=estimate)
+    step = _train_calls(layer, shape, fused)
+    batches = [_inputs(shape, seed=0), _inputs(shape, seed=2)]
+    for x in batches:
+        step(tf.constant(x))
+    mean, var = _numpy_moving_statistics(batches, group, estimate)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, group", [(CONV_SHAPE, None), (CONV_SHAPE, 4),
+                                          (DENSE_SHAPE, None)])
+def test_moving_variance_estimate_leaves_training_outputs_bitwise_unchanged(shape, group):
+    x = _inputs(shape)
+    outputs = [_layer(shape, group, moving_variance=estimate)[0](x, training=True).numpy()
+               for estimate in ("unbiased", "biased")]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_moving_variance_is_unbiased_by_default_and_checked():
+    layer = SubBatchNormalization()
+    assert layer.get_config()["moving_variance"] == "unbiased"
+    clone = SubBatchNormalization.from_config(
+        SubBatchNormalization(moving_variance="biased").get_config())
+    assert clone.get_config()["moving_variance"] == "biased"
+    with pytest.raises(ValueError, match=r"moving_variance must be one of unbiased, biased; "
+                                         r"got 'sample'"):
+        SubBatchNormalization(moving_variance="sample")
+
+
+@pytest.mark.parametrize("estimate", ["unbiased", "biased"])
+def test_synchronized_moving_variance_counts_the_global_batch(estimate, mirrored):
+    with mirrored.scope():
+        layer, gamma, beta = _layer(CONV_SHAPE, None, synchronized=True,
+                                    moving_variance=estimate)
+    x = _inputs(CONV_SHAPE)
+    per_replica = CONV_SHAPE[0] // 2
+    shards = mirrored.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(x[ctx.replica_id_in_sync_group * per_replica:][:per_replica]))
+
+    outputs = mirrored.run(tf.function(lambda t: layer(t, training=True)), args=(shards,))
+
+    want, _, _ = _numpy_group_bn(x, None, gamma, beta)  # one group: the global batch
+    got = np.concatenate([o.numpy() for o in mirrored.experimental_local_results(outputs)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    mean, var = _numpy_moving_statistics([x], None, estimate)
+    for variable, reference in [(layer.moving_mean, mean), (layer.moving_variance, var)]:
+        for copy in mirrored.experimental_local_results(variable.value):
+            np.testing.assert_allclose(copy.numpy(), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [CONV_SHAPE, DENSE_SHAPE])
+def test_frozen_layer_trains_on_moving_statistics_and_keeps_them(shape):
+    # Keras BatchNormalization: `trainable=False` means inference mode, even in training.
+    layer, gamma, beta = _layer(shape, 2)
+    rng = np.random.default_rng(6)
+    mean = rng.normal(size=shape[-1]).astype(np.float32)
+    var = rng.uniform(0.5, 3.0, shape[-1]).astype(np.float32)
+    layer.moving_mean.assign(mean)
+    layer.moving_variance.assign(var)
+    layer.trainable = False
+    x = _inputs(shape)
+
+    y = layer(x, training=True).numpy()
+
+    want = gamma * (x.astype(np.float64) - mean) / np.sqrt(var.astype(np.float64) + EPS) + beta
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), var)
+
+
+def test_model_with_the_layer_saves_and_loads(tmp_path):
+    inputs = keras.Input(CONV_SHAPE[1:])
+    layer = SubBatchNormalization(bn_batch_size=2, momentum=MOMENTUM, epsilon=EPS,
+                                  moving_variance="biased", name="sbn")
+    model = keras.Model(inputs, layer(inputs))
+    rng = np.random.default_rng(7)
+    for variable in layer.weights:  # non-trivial gamma, beta and moving statistics
+        variable.assign(rng.uniform(0.5, 2.0, variable.shape))
+    path = tmp_path / "sbn.keras"
+    model.save(path)
+
+    loaded = keras.saving.load_model(path)
+
+    assert type(loaded.get_layer("sbn")) is SubBatchNormalization
+    assert loaded.get_layer("sbn").get_config() == layer.get_config()
+    x = _inputs(CONV_SHAPE)
+    np.testing.assert_array_equal(loaded(x, training=False).numpy(),
+                                  model(x, training=False).numpy())
+    np.testing.assert_array_equal(loaded(x, training=True).numpy(),
+                                  model(x, training=True).numpy())
+    for a, b in zip(loaded.get_layer("sbn").weights, layer.weights):  # the same update
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

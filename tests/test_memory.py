@@ -1,4 +1,7 @@
 """The up-front memory check and the out-of-memory report."""
+import pathlib
+import re
+
 import keras
 import pytest
 import tensorflow as tf
@@ -27,14 +30,14 @@ def test_estimate_counts_every_layer_output_and_the_variables():
 
 
 def test_resnet50_at_224_per_example_is_what_a_hand_count_gives():
-    # Hand count of ResNet-50 v1's layer outputs at 224x224 with BN: stem conv, BN, ReLU
-    # (3 x 112*112*64) and the max-pool (56*56*64); per bottleneck block at output side s and
+    # Hand count of ResNet-50 v1's layer outputs at 224x224 with BN: the stem's padded input
+    # (230*230*3), stem conv, BN, ReLU (3 x 112*112*64) and the max-pool (56*56*64); per bottleneck block at output side s and
     # width w: conv1, bn1, relu1, conv2, bn2, relu2 on w channels (v1 strides in conv1, so
     # all at s), conv3, bn3, add, relu on 4w; the first block of a stage adds a projection
     # conv + BN on 4w; then the pool (2048) and the logits (1000).
     net = models.build("resnet50", norm="batch")
     elements = memory.activation_elements_per_example(net)
-    total = 3 * 112 * 112 * 64 + 56 * 56 * 64
+    total = 230 * 230 * 3 + 3 * 112 * 112 * 64 + 56 * 56 * 64
     for blocks, side, width in ((3, 56, 64), (4, 28, 128), (6, 14, 256), (3, 7, 512)):
         inner = 6 * side * side * width  # conv1, bn1, relu1, conv2, bn2, relu2
         outer = 4 * side * side * 4 * width  # conv3, bn3, add, relu
@@ -53,6 +56,21 @@ def test_check_fits_refuses_in_one_line_and_allows_what_fits():
         memory.check_fits(net, batch_size=64, examples=64, compute_bytes=4,
                           available=need - 1)
     assert "\n" not in str(err.value)
+
+
+def test_host_available_bytes_is_the_kernels_memavailable(monkeypatch):
+    meminfo = pathlib.Path("/proc/meminfo")
+    if not meminfo.exists():
+        pytest.skip("no /proc/meminfo")
+    kib = int(re.search(r"^MemAvailable:\s+(\d+) kB$", meminfo.read_text(), re.M).group(1))
+    # Two readings a moment apart: allow what other processes may allocate meanwhile.
+    assert abs(memory.host_available_bytes() - kib * 1024) < 256 * 2 ** 20
+
+    def unknown():
+        raise OSError("no memory statistics here")
+
+    monkeypatch.setattr(memory.psutil, "virtual_memory", unknown)
+    assert memory.host_available_bytes() is None
 
 
 def _cfg(tmp_path, **kw):

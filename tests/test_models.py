@@ -153,7 +153,7 @@ def test_option_a_shortcut_is_subsample_and_zero_pad():
     model = models.build("resnet8", norm="none", input_shape=(8, 8, 3))
     for layer in _layers_of(model, keras.layers.Conv2D):
         layer.kernel.assign(np.zeros(layer.kernel.shape))
-    block = keras.Model(model.get_layer("stage2_block1_conv1").input,
+    block = keras.Model(model.get_layer("stage2_block1_conv1_pad").input,
                         model.get_layer("stage2_block1_relu").output)
     feature = np.random.default_rng(3).normal(size=(2, 8, 8, 16)).astype(np.float32)
 
@@ -162,6 +162,96 @@ def test_option_a_shortcut_is_subsample_and_zero_pad():
     zeros = np.zeros((2, 4, 4, 8))
     want = np.concatenate([zeros, np.maximum(feature[:, ::2, ::2, :], 0), zeros], axis=-1)
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def _numpy_conv(x, kernel, stride, pad):
+    """Zero-pad `pad` pixels on every side, then cross-correlate with `stride`, float64."""
+    x = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    k = kernel.shape[0]
+    rows, cols = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
+    out = np.zeros((x.shape[0], rows, cols, kernel.shape[-1]))
+    for i in range(rows):
+        for j in range(cols):
+            patch = x[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
+            out[:, i, j] = np.einsum("nhwc,hwco->no", patch, kernel.astype(np.float64))
+    return out
+
+
+def _submodel(model, first, last):
+    return keras.Model(model.get_layer(first).input, model.get_layer(last).output)
+
+
+@pytest.mark.parametrize("pixel", [(2, 4), (3, 5), (6, 0)])
+def test_strided_conv_is_centred_on_the_pixel_the_shortcut_keeps(pixel):
+    # A delta image through the stage-2 strided conv with only the centre tap set (input
+    # channel c to output channel c + 8, the shortcut's slot for c): the output must be the
+    # option-A shortcut, x[2i, 2j] with 8 zero channels each side. An even pixel (2a, 2b)
+    # lands on (a, b); an odd one is skipped by both. "same" padding would pick 2i + 1.
+    model = models.build("resnet8", norm="none", input_shape=(8, 8, 3))
+    conv = model.get_layer("stage2_block1_conv1")
+    kernel = np.zeros(conv.kernel.shape, np.float32)
+    for c in range(16):
+        kernel[1, 1, c, c + 8] = 1.0
+    conv.kernel.assign(kernel)
+    delta = np.zeros((1, 8, 8, 16), np.float32)
+    delta[0, pixel[0], pixel[1], 3] = 1.0
+
+    got = _submodel(model, "stage2_block1_conv1_pad", "stage2_block1_conv1")(delta).numpy()
+
+    want = np.zeros((1, 4, 4, 32))
+    if pixel[0] % 2 == 0 and pixel[1] % 2 == 0:
+        want[0, pixel[0] // 2, pixel[1] // 2, 3 + 8] = 1.0
+    np.testing.assert_array_equal(got, want)
+
+
+def test_strided_conv_is_a_pad_1_convolution():
+    keras.utils.set_random_seed(4)
+    model = models.build("resnet8", norm="none", input_shape=(8, 8, 3))
+    conv = model.get_layer("stage3_block1_conv1")
+    conv.bias.assign(np.random.default_rng(8).normal(size=conv.bias.shape))
+    x = np.random.default_rng(9).normal(size=(2, 4, 4, 32)).astype(np.float32)
+
+    got = _submodel(model, "stage3_block1_conv1_pad", "stage3_block1_conv1")(x).numpy()
+
+    want = _numpy_conv(x, conv.kernel.numpy(), stride=2, pad=1) + conv.bias.numpy()
+    assert got.shape == (2, 2, 2, 64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def resnet50_16px():
+    keras.utils.set_random_seed(5)
+    return models.build("resnet50", norm="none", input_shape=(16, 16, 3), num_classes=2)
+
+
+def test_resnet50_stem_conv_pads_3_and_pool_matches_caffe(resnet50_16px):
+    # He et al.'s released model: conv1 7x7/2 pad 3; pool1 3x3/2 without padding, output
+    # size rounded up, so window i covers rows 2i..2i+2, clipped at the edge.
+    model = resnet50_16px
+    conv = model.get_layer("stem_conv")
+    conv.bias.assign(np.random.default_rng(10).normal(size=conv.bias.shape))
+    x = np.random.default_rng(11).normal(size=(2, 16, 16, 3)).astype(np.float32)
+
+    stem = _submodel(model, "stem_conv_pad", "stem_conv")(x).numpy()
+    want = _numpy_conv(x, conv.kernel.numpy(), stride=2, pad=3) + conv.bias.numpy()
+    np.testing.assert_allclose(stem, want, rtol=1e-4, atol=1e-4)
+
+    relu = np.maximum(want, 0)  # 8x8
+    pooled = np.stack([np.stack([relu[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
+                                 for j in range(4)], 1) for i in range(4)], 1)
+    got = _submodel(model, "stem_conv_pad", "stem_pool")(x).numpy()
+    np.testing.assert_allclose(got, pooled, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet50_strided_1x1_convs_sample_even_pixels_in_both_branches(resnet50_16px):
+    model = resnet50_16px
+    x = np.random.default_rng(12).normal(size=(1, 4, 4, 256)).astype(np.float32)
+    for name in ("stage2_block1_conv1", "stage2_block1_shortcut"):
+        conv = model.get_layer(name)
+        got = conv(x).numpy()
+        want = np.einsum("nhwc,co->nhwo", x[:, ::2, ::2].astype(np.float64),
+                         conv.kernel.numpy()[0, 0]) + conv.bias.numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))

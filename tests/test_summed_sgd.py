@@ -5,6 +5,8 @@ import tensorflow as tf
 import keras
 
 from sbt_keras import models
+from sbt_keras.layers import SubBatchNormalization
+from sbt_keras.training.schedules import WarmupStepDecay
 from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer
 
 
@@ -161,3 +163,62 @@ def test_unrolled_block_gives_the_same_updates(unrolled, block):
         weights.append([v.numpy() for v in net.variables])
     for reference, unrolled_value in zip(*weights):
         np.testing.assert_array_equal(unrolled_value, reference)
+
+
+def _tiny_bn_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.Conv2D(3, 3, padding="same", use_bias=False, name="conv")(inputs)
+    x = SubBatchNormalization(bn_batch_size=2, momentum=0.5, name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x))
+
+
+def _tiny_data(batches, m=4, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.randn(batches * m, 4, 4, 2).astype(np.float32)
+    return x, rng.randint(0, 3, size=batches * m)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    # Step 0 trains at the warm-up's 1/32, step 1 after the decay boundary: the next update
+    # depends on the restored step too.
+    net = _tiny_bn_net()
+    model = SummedGradientModel(net, 1e-2, models.decayed_variables(net), unrolled_steps=2)
+    model.compile(optimizer=build_optimizer(WarmupStepDecay(0.1, (1,), warmup_steps=1)))
+    x, y = _tiny_data(2)
+    model.fit(_batches(x[:4], y[:4], 4), verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+
+    loaded = keras.saving.load_model(path)
+
+    assert type(loaded) is SummedGradientModel
+    assert (loaded.weight_decay, loaded.unrolled_steps) == (1e-2, 2)
+    assert sorted(v.path for v in loaded.network.variables if id(v) in loaded._decayed_ids) == [
+        "conv/kernel", "logits/kernel"]
+    assert int(loaded.optimizer.iterations.numpy()) == 1
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())  # inference mode
+    for m in (model, loaded):
+        m.fit(_batches(x[4:], y[4:], 4), verbose=0)
+    assert len(loaded.variables) == len(model.variables)
+    for a, b in zip(loaded.variables, model.variables):  # weights, BN statistics, step
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=b.path)
+
+
+def test_fit_refuses_an_epoch_that_is_not_whole_blocks():
+    net = _tiny_bn_net()
+    model = SummedGradientModel(net, 0.0)
+    model.compile(optimizer=build_optimizer(0.01), steps_per_execution=2)
+    x, y = _tiny_data(5)
+    data = _batches(x, y, 4)  # 5 batches
+    message = r"steps_per_execution=2 does not divide the 5 steps per epoch"
+    with pytest.raises(ValueError, match=message):
+        model.fit(data.repeat(), steps_per_epoch=5, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.fit(data, verbose=0)  # the data's own length
+    assert int(model.optimizer.iterations.numpy()) == 0
+    model.fit(data.repeat(), steps_per_epoch=4, epochs=2, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 8
+    model.evaluate(data, verbose=0)  # evaluation need not be whole blocks

@@ -8,7 +8,10 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+MOVING_VARIANCE = ("unbiased", "biased")
 
+
+@keras.saving.register_keras_serializable(package="sbt_keras")
 class SubBatchNormalization(keras.layers.Layer):
     """Channels-last batch normalization over groups of `bn_batch_size` examples.
 
@@ -18,24 +21,36 @@ class SubBatchNormalization(keras.layers.Layer):
     makes the whole replica batch one group (ordinary batch normalization).
 
     Moving statistics get one update per call from the mean over groups of mu_g and of
-    var_g (biased), the convention of TF2 Keras `BatchNormalization(virtual_batch_size=)`.
-    They are created with `aggregation="mean"`, so under `tf.distribute` every replica's
-    update is averaged into one value instead of leaving the replica copies to drift.
+    each group's population-variance estimate (the convention of TF2 Keras
+    `BatchNormalization(virtual_batch_size=)`, one update per step, not one per group).
+    With `moving_variance="unbiased"` (the default) that estimate is
+    var_g * n / (n - 1), n the values per channel in the group (examples x H x W; the
+    global batch's count for synchronized BN), Ioffe & Szegedy's (2015) m/(m-1) E[var_B];
+    a group of one value (n = 1, e.g. a dense group of one example) has no unbiased
+    estimate and contributes 0, as its biased variance would. `"biased"` uses var_g
+    itself, like Keras `BatchNormalization`. They are created with `aggregation="mean"`,
+    so under `tf.distribute` every replica's update is averaged into one value instead
+    of leaving the replica copies to drift.
 
     `synchronized=True` (the paper's contrast to per-worker BN, `--bn_sync`) takes the
     training statistics over the whole global batch, every replica's examples together
     (all-reduced, two passes: the mean, then the squared deviations from it); it needs
     `bn_batch_size=None`.
 
-    Inference uses the moving statistics. Statistics are always computed in float32; the
-    output has the layer's compute dtype (the dtype the inputs are cast to by Keras).
+    Inference, and training with `trainable=False` (a frozen layer, as in Keras
+    `BatchNormalization`), use the moving statistics and leave them unchanged. Statistics
+    are always computed in float32; the output has the layer's compute dtype (the dtype
+    the inputs are cast to by Keras).
     """
 
     def __init__(
         self, bn_batch_size=None, momentum=0.99, epsilon=1e-3, center=True, scale=True,
-        synchronized=False, **kwargs,
+        synchronized=False, moving_variance="unbiased", **kwargs,
     ):
         super().__init__(**kwargs)
+        if moving_variance not in MOVING_VARIANCE:
+            raise ValueError(f"moving_variance must be one of {', '.join(MOVING_VARIANCE)}; "
+                             f"got {moving_variance!r}")
         if bn_batch_size is not None and (
             isinstance(bn_batch_size, bool)
             or not isinstance(bn_batch_size, int)
@@ -49,6 +64,8 @@ class SubBatchNormalization(keras.layers.Layer):
                              "bn_batch_size must be None")
         self.bn_batch_size = bn_batch_size
         self.synchronized = bool(synchronized)
+        # Not `moving_variance`: that name holds the variable.
+        self.moving_variance_estimate = moving_variance
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.center = center
@@ -81,7 +98,7 @@ class SubBatchNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = ops.cast(inputs, "float32")
-        if training:
+        if training and self.trainable:
             outputs = self._normalize_groups(x)
         else:
             outputs = self._affine(
@@ -101,9 +118,11 @@ class SubBatchNormalization(keras.layers.Layer):
         axes = list(range(1, len(grouped.shape) - 1))
         mean, variance = ops.moments(grouped, axes=axes, keepdims=True)
         channels = x.shape[-1]
+        count = tf.reduce_prod(tf.shape(grouped)[1:-1])  # values per (group, channel)
         self._update_moving_statistics(
             ops.reshape(ops.mean(mean, axis=0), (channels,)),
-            ops.reshape(ops.mean(variance, axis=0), (channels,)),
+            ops.reshape(ops.mean(self._population_variance(variance, count), axis=0),
+                        (channels,)),
         )
         return ops.reshape(self._affine(grouped, mean, variance), ops.shape(x))
 
@@ -130,9 +149,13 @@ class SubBatchNormalization(keras.layers.Layer):
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
             x, tf.tile(gamma, [groups]), tf.tile(beta, [groups]), epsilon=self.epsilon,
             data_format="NHWC", is_training=True)
-        # The fused op reports the unbiased (Bessel-corrected) variance; ours is biased.
+        # The fused op reports the unbiased (Bessel-corrected) variance, the "unbiased"
+        # estimate as it is; a group of one value has none and contributes 0.
         count = g * h * w
-        variance = variance * ((count - 1) / count) if count > 1 else variance * 0.0
+        if count == 1:
+            variance = tf.zeros_like(variance)
+        elif self.moving_variance_estimate == "biased":
+            variance = variance * ((count - 1) / count)
         self._update_moving_statistics(
             tf.reduce_mean(tf.reshape(mean, (groups, c)), axis=0),
             tf.reduce_mean(tf.reshape(variance, (groups, c)), axis=0))
@@ -150,7 +173,10 @@ class SubBatchNormalization(keras.layers.Layer):
         mean = total / count
         squares = context.all_reduce("sum", tf.reduce_sum(tf.square(x - mean), axes))
         variance = squares / count
-        self._update_moving_statistics(mean, variance)
+        # divide_no_nan: a global batch of one value contributes 0.
+        estimate = (tf.math.divide_no_nan(squares, count - 1.0)
+                    if self.moving_variance_estimate == "unbiased" else variance)
+        self._update_moving_statistics(mean, estimate)
         return self._affine(x, mean, variance)
 
     def _split_into_groups(self, x):
@@ -175,6 +201,14 @@ class SubBatchNormalization(keras.layers.Layer):
             with tf.control_dependencies([check] if check is not None else []):
                 x = tf.identity(x)
         return ops.reshape(x, (-1, group) + tuple(ops.shape(x)[1:]))
+
+    def _population_variance(self, variance, count):
+        """The moving variance's estimate from biased variances over `count` values each."""
+        if self.moving_variance_estimate == "biased":
+            return variance
+        count = tf.cast(count, variance.dtype)
+        # divide_no_nan: a group of one value contributes 0, as its biased variance does.
+        return variance * tf.math.divide_no_nan(count, count - 1.0)
 
     def _update_moving_statistics(self, mean, variance):
         m = self.momentum
@@ -203,5 +237,6 @@ class SubBatchNormalization(keras.layers.Layer):
             center=self.center,
             scale=self.scale,
             synchronized=self.synchronized,
+            moving_variance=self.moving_variance_estimate,
         )
         return config

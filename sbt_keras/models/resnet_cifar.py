@@ -9,15 +9,26 @@ from sbt_keras.layers import normalized
 STAGE_FILTERS = (16, 32, 64)
 
 
-def _conv3x3(filters, strides, use_bias, name):
+def _conv3x3(x, filters, strides, use_bias, name):
+    """A 3x3 convolution of `x`; stride 2 zero-pads one pixel on every side explicitly.
+
+    TF's "same" padding of a stride-2 3x3 conv on an even size pads only bottom/right,
+    centring output pixel i on input pixel 2i + 1, while the option-A shortcut keeps
+    pixel 2i. Symmetric padding (He et al.'s pad 1) centres it on 2i, aligning the two
+    branches of the block; output size and parameters are those of "same".
+    """
+    padding = "same"
+    if strides == 2:
+        x = keras.layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
+        padding = "valid"
     return keras.layers.Conv2D(
-        filters, 3, strides=strides, padding="same", use_bias=use_bias,
+        filters, 3, strides=strides, padding=padding, use_bias=use_bias,
         kernel_initializer="he_normal", name=name,
-    )
+    )(x)
 
 
 def _shortcut_a(x, filters):
-    """Parameter-free shortcut: take every other pixel, zero-pad the new channels."""
+    """Parameter-free shortcut: take the even pixels (2i, 2j), zero-pad the new channels."""
     x = x[:, ::2, ::2, :]
     extra = filters - x.shape[-1]
     return ops.pad(x, [[0, 0], [0, 0], [0, 0], [extra // 2, extra - extra // 2]])
@@ -42,7 +53,7 @@ def build_resnet(
     options = norm_options or {}
 
     def conv_norm(x, filters, strides, name, relu):
-        x = _conv3x3(filters, strides, use_bias, name)(x)
+        x = _conv3x3(x, filters, strides, use_bias, name)
         x = normalized(x, norm, channels=filters, layer_name=f"{name}_norm", **options)
         return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 

@@ -26,16 +26,22 @@ def resnet50(
     global average pooling and a dense classifier. Every conv is followed by the chosen
     normalization and has a bias only when there is none. `norm_dense` is accepted for a
     common builder signature and ignored: the only dense layer is the classifier.
+
+    Pixel alignment follows He et al.'s released (Caffe) model: the stem conv and pool as
+    commented below; a strided 1x1 conv samples the even pixels (2i, 2j) in both branches
+    of a block ("same" adds no padding to a 1x1 kernel, like their pad 0).
     """
     del norm_dense
     use_bias = norm == "none"
 
     options = norm_options or {}  # for every normalization layer (layers.norm_layer)
 
-    def conv_norm(x, filters, kernel, strides, name, relu):
+    def conv_norm(x, filters, kernel, strides, name, relu, pad=None):
+        if pad:
+            x = keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
         x = keras.layers.Conv2D(
-            filters, kernel, strides=strides, padding="same", use_bias=use_bias,
-            kernel_initializer="he_normal", name=name,
+            filters, kernel, strides=strides, padding="valid" if pad else "same",
+            use_bias=use_bias, kernel_initializer="he_normal", name=name,
         )(x)
         x = normalized(x, norm, channels=filters, layer_name=f"{name}_norm", **options)
         return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
@@ -50,7 +56,12 @@ def resnet50(
         return keras.layers.ReLU(name=f"{name}_relu")(y)
 
     inputs = keras.Input(shape=input_shape, name="images")
-    x = conv_norm(inputs, 64, 7, 2, "stem_conv", relu=True)
+    # He et al.'s (Caffe) stem conv pads 3 on every side, centring output pixel i on input
+    # pixel 2i; "same" would pad 2 top/left and 3 bottom/right and centre it on 2i + 1.
+    x = conv_norm(inputs, 64, 7, 2, "stem_conv", relu=True, pad=3)
+    # Their pool has no padding and rounds its output size up, a 3x3 window on pixels
+    # 2i..2i+2, the last one clipped at the edge: on the stem's even-sized output that is
+    # exactly "same" here (which pads bottom/right only, with -inf).
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     for stage, (blocks, width) in enumerate(zip(STAGE_BLOCKS, STAGE_WIDTHS), start=1):
         for block in range(1, blocks + 1):

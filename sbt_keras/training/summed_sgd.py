@@ -20,6 +20,7 @@ from keras import ops
 from sbt_keras.config import largest_divisor
 
 
+@keras.saving.register_keras_serializable(package="sbt_keras")
 class SummedGradientModel(keras.Model):
     """Wraps a network (any Keras model producing logits) with the paper's update rule.
 
@@ -27,9 +28,12 @@ class SummedGradientModel(keras.Model):
       network: the Keras model; `training=True` in the train step so sub-batch BN uses
         batch statistics.
       weight_decay: lambda.
-      decayed_variables: the variables w that receive weight decay.
+      decayed_variables: the variables w that receive weight decay, the network's own.
       unrolled_steps: steps traced one after another inside each iteration of the loop
         that runs a block of `steps_per_execution` steps (a divisor of it is used).
+
+    `model.save()` / `keras.saving.load_model` round-trip it: the network, the settings,
+    the decayed variables, the optimizer and its step.
     """
 
     def __init__(self, network, weight_decay=0.0, decayed_variables=(), unrolled_steps=1,
@@ -39,8 +43,34 @@ class SummedGradientModel(keras.Model):
         self.unrolled_steps = int(unrolled_steps)
         self.weight_decay = float(weight_decay)
         self._decayed_ids = {id(v) for v in decayed_variables}
+        self._decayed_paths = tuple(v.path for v in decayed_variables)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self._fit_starting = False
+
+    def get_config(self):
+        # The decayed variables are named by path, not by a scope such as "kernels": the
+        # constructor takes any set of variables, and a reloaded functional network keeps
+        # its layer names, so the same paths name the same variables in it.
+        return {
+            **super().get_config(),
+            "network": keras.saving.serialize_keras_object(self.network),
+            "weight_decay": self.weight_decay,
+            "decayed_variable_paths": list(self._decayed_paths),
+            "unrolled_steps": self.unrolled_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        network = keras.saving.deserialize_keras_object(config.pop("network"),
+                                                        custom_objects=custom_objects)
+        paths = config.pop("decayed_variable_paths")
+        by_path = {v.path: v for v in network.variables}
+        missing = [p for p in paths if p not in by_path]
+        if missing:
+            raise ValueError(f"decayed variables {missing} are not in the loaded network")
+        return cls(network, decayed_variables=[by_path[p] for p in paths], **config)
 
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
@@ -75,6 +105,30 @@ class SummedGradientModel(keras.Model):
         self.accuracy_tracker.update_state(labels, logits)
         return {m.name: m.result() for m in self.metrics}
 
+    def fit(self, *args, **kwargs):
+        """Keras `fit`, refusing epochs that are not whole blocks of `steps_per_execution`.
+
+        The train function always runs a whole block (see make_train_function): an epoch
+        of 5 steps in blocks of 2 would silently train 6. Input of unknown length given
+        without `steps_per_epoch` cannot be checked.
+        """
+        # Keras makes the epoch's iterator inside fit and hands it first to
+        # _maybe_symbolic_build: the one place that sees the epoch's step count.
+        self._fit_starting = True
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            self._fit_starting = False
+
+    def _check_whole_blocks(self, steps):
+        block = self.steps_per_execution
+        if steps is not None and steps % block:
+            raise ValueError(
+                f"steps_per_execution={block} does not divide the {steps} steps per epoch "
+                f"given to fit: every call of the train function runs {block} steps, so "
+                f"the epoch would train {steps + -steps % block}; give fit a multiple of "
+                f"{block} steps or compile with a divisor of {steps}")
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Builds what `fit` needs from the variables alone.
 
@@ -83,7 +137,10 @@ class SummedGradientModel(keras.Model):
         on per-replica inputs. The network is built when it is created and the trackers
         hold their own variables, so only the optimizer's state is left to create.
         """
-        del iterator, data_batch
+        del data_batch
+        if self._fit_starting:
+            self._fit_starting = False
+            self._check_whole_blocks(iterator.num_batches)
         self.built = True
         if not self.optimizer.built:
             with self.distribute_strategy.scope():
@@ -116,8 +173,9 @@ class SummedGradientModel(keras.Model):
         Keras 3 wraps every step of its multi-step loop in a `tf.cond`, and the
         cross-replica merge inside the optimizer fails there under MirroredStrategy and
         MultiWorkerMirroredStrategy ("You must feed a value for placeholder tensor",
-        keras-team/keras#19246). Our epochs are whole blocks of steps (Config checks it),
-        so the loop needs no end-of-data branch: it runs exactly `steps_per_execution`.
+        keras-team/keras#19246). Our epochs are whole blocks of steps (Config and `fit`
+        check it), so the loop needs no end-of-data branch: it runs exactly
+        `steps_per_execution`.
 
         Each loop iteration runs `unroll` steps traced one after another: the same updates
         in the same order (automatic control dependencies keep every variable read after
