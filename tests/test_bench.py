@@ -1,35 +1,93 @@
-"""The benchmark tool: a 2-step smoke run, and its FLOP count against published numbers."""
+"""The benchmark tool: its FLOP count against hand counts and published numbers, and a 2-step
+smoke run whose derived columns are checked against hand-computed values."""
+import keras
 import pytest
 
-from sbt_keras import memory, models
 from tools import bench
+
+
+def _tiny(shape=(8, 8, 3)):
+    """Two convs, BN, ReLU, pooling and a dense layer; the counts below are by hand."""
+    inputs = keras.Input(shape)
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 8x8x4
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(6, 3, strides=2)(x)  # valid: (8 - 3) // 2 + 1 = 3 -> 3x3x6
+    x = keras.layers.GlobalAveragePooling2D()(x)  # 6
+    return keras.Model(inputs, keras.layers.Dense(10)(x))
+
+
+# Forward multiply-adds: output positions x kernel taps x input channels x output channels.
+_MACS = (8 * 8) * (3 * 3) * 3 * 4 + (3 * 3) * (3 * 3) * 4 * 6 + 6 * 10  # 6912 + 1944 + 60
+# Training = forward + 2x for the backward pass, 2 FLOPs per multiply-add.
+_TRAINING_FLOPS = 3 * 2 * _MACS
+# Variables: conv 108 + 4, BN 4 x 4 (with moving statistics), conv 216 + 6, dense 60 + 10.
+_VARIABLES = 108 + 4 + 16 + 216 + 6 + 70
+# Outputs per example: conv, BN and ReLU 8*8*4 each, conv 3*3*6, pool 6, dense 10.
+_ACTIVATIONS = 3 * 256 + 54 + 6 + 10
+
+
+def test_flop_count_of_a_tiny_net_by_hand():
+    assert _MACS == 8916 and _TRAINING_FLOPS == 53_496
+    assert bench.training_flops_per_example(_tiny()) == _TRAINING_FLOPS
 
 
 @pytest.mark.parametrize("name,published_macs", [("resnet20", 40.8e6), ("resnet32", 69.1e6)])
 def test_flop_count_matches_published_forward_cost(name, published_macs):
+    from sbt_keras import models
+
     net = models.build(name, input_shape=(32, 32, 3), num_classes=10, norm="batch")
     macs = bench.training_flops_per_example(net) / 6  # training = 3 x forward, 2 FLOPs/MAC
     assert macs == pytest.approx(published_macs, rel=0.02)
 
 
-def test_smoke_two_steps():
-    rows, device = bench.run(["resnet8"], ["batch"], [2, 4], steps=2, repeats=1,
-                             baselines=("fit",), input_pipeline=True, shape=(8, 8, 3))
+PEAK = 2e9  # FLOP/s, standing in for the measured matmul peak
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    """bench.run over the tiny net at m = 2 and 4, 2 steps, against a fixed peak."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "_network", lambda *args: _tiny())
+        patch.setattr(bench, "matmul_peak_flops", lambda: PEAK)
+        return bench.run(["resnet8"], ["batch"], [2, 4], steps=2, repeats=1,
+                         baselines=("fit",), input_pipeline=True, shape=(8, 8, 3))
+
+
+def test_smoke_rows_have_every_measurement(smoke):
+    rows, _ = smoke
+    assert [(r["model"], r["norm"], r["m"]) for r in rows] == [("resnet8", "batch", 2),
+                                                               ("resnet8", "batch", 4)]
     for row in rows:
-        for key in ("sbt_ms", "fit_ms", "speedup_vs_fit", "limit_fraction",
-                    "fit_limit_fraction", "pipeline_vs_step", "host_rss_mb", "activation_mb",
-                    "sbt_fed_ms"):
+        for key in ("sbt_ms", "fit_ms", "sbt_fed_ms", "speedup_vs_fit", "limit_fraction",
+                    "fit_limit_fraction", "sbt_examples_per_s", "pipeline_examples_per_s",
+                    "pipeline_vs_step", "host_rss_mb", "activation_mb"):
             assert row[key] > 0, key
-        # The limit fractions and the overhead are one identity: time = ideal + overhead.
-        ideal = row["limit_fraction"] * row["sbt_ms"] / 1e3
-        assert row["overhead_us"] == pytest.approx((row["sbt_ms"] / 1e3 - ideal) * 1e6)
-        assert row["fit_limit_fraction"] * row["fit_ms"] == pytest.approx(ideal * 1e3)
-    # A step's memory floor grows with m by exactly the activations of the extra examples.
-    net = models.build("resnet8", input_shape=(8, 8, 3), num_classes=10, norm="batch")
-    per_example = memory.activation_elements_per_example(net) * 4 / 2 ** 20
-    assert rows[1]["activation_mb"] - rows[0]["activation_mb"] == pytest.approx(2 * per_example)
+
+
+@pytest.mark.parametrize("index, m", [(0, 2), (1, 4)])
+def test_smoke_limit_columns_are_the_hand_counted_ideal_time(smoke, index, m):
+    row = smoke[0][index]
+    ideal_s = _TRAINING_FLOPS * m / PEAK  # 53496 FLOPs/example at 2 GFLOP/s
+    assert row["limit_fraction"] * row["sbt_ms"] / 1e3 == pytest.approx(ideal_s)
+    assert row["fit_limit_fraction"] * row["fit_ms"] / 1e3 == pytest.approx(ideal_s)
+    assert row["overhead_us"] == pytest.approx(row["sbt_ms"] * 1e3 - ideal_s * 1e6)
+
+
+@pytest.mark.parametrize("index, m", [(0, 2), (1, 4)])
+def test_smoke_step_memory_is_the_hand_counted_floor(smoke, index, m):
+    # Variables and their gradients in float32, and every layer output of the m examples.
+    floor = 2 * 4 * _VARIABLES + 4 * _ACTIVATIONS * m
+    assert _VARIABLES == 420 and _ACTIVATIONS == 838
+    assert smoke[0][index]["activation_mb"] == pytest.approx(floor / 2 ** 20)
+
+
+def test_smoke_markdown(smoke):
+    rows, device = smoke
+    assert device["matmul_peak_gflops"] == pytest.approx(2.0)
     text = bench.markdown(rows, device)
-    assert "| resnet8 | batch | 2 |" in text and "unrolled_steps=1" in text
+    assert "| resnet8 | batch | 2 |" in text and "| resnet8 | batch | 4 |" in text
+    assert "peak 2 GFLOP/s" in text and "unrolled_steps=1" in text
 
 
 def test_bad_unrolled_steps_is_refused_before_measuring():

@@ -3,6 +3,7 @@ augmentation checked against a hand-written numpy crop, and the pipeline's
 determinism/resume contract checked on tiny arrays."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -326,15 +327,58 @@ def test_eval_dataset_keeps_order_and_pads_the_remainder_with_weight_zero():
     np.testing.assert_allclose(x, (arrays.images.astype(np.float32) - MEAN) / STD, rtol=1e-6)
 
 
-def test_pad_and_batch_streams():
+def test_pad_with_weights_streams():
     from sbt_keras.data import pipeline
 
     examples = tf.data.Dataset.from_tensor_slices((np.arange(5.0), np.arange(5)))
-    batches = list(pipeline.pad_and_batch(examples, batch_size=2, num_examples=5))
+    padded = pipeline.pad_with_weights(examples, num_examples=5, batch_size=2)
+    batches = list(padded.batch(2))
     assert [b[0].numpy().tolist() for b in batches] == [[0, 1], [2, 3], [4, 0]]
     assert [b[2].numpy().tolist() for b in batches] == [[1, 1], [1, 1], [1, 0]]
-    exact = list(pipeline.pad_and_batch(examples.take(4), batch_size=2, num_examples=4))
+    exact = list(pipeline.pad_with_weights(examples.take(4), num_examples=4,
+                                           batch_size=2).batch(2))
     assert len(exact) == 2 and exact[-1][2].numpy().tolist() == [1, 1]
+    # A stream of single tensors, not tuples (eval_dataset pads its indices).
+    indices = pipeline.pad_with_weights(tf.data.Dataset.range(3), num_examples=3, batch_size=4)
+    assert [(int(i), float(w)) for i, w in indices] == [(0, 1), (1, 1), (2, 1), (0, 0)]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(batch_size=0), "--batch_size=0 must be at least 1"),
+    (dict(batch_size=11), "--batch_size=11 is larger than the 10 training examples"),
+    (dict(start_epoch=4), "start epoch 4 is outside 0..3"),
+    (dict(start_epoch=-1), "start epoch -1 is outside 0..3"),
+    (dict(start_step=2), "start step 2 is outside epoch 0's 2 batches"),
+    (dict(start_epoch=3, start_step=1), "start step 1 is outside epoch 3's 2 batches"),
+])
+def test_check_train_steps_refuses(settings, message):
+    from sbt_keras.data import pipeline
+
+    kw = dict(batch_size=4, epochs=3, start_epoch=0, start_step=0)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        pipeline.check_train_steps(10, **{**kw, **settings})
+
+
+def test_check_train_steps_counts_full_batches():
+    from sbt_keras.data import pipeline
+
+    kw = dict(batch_size=4, epochs=3)
+    assert pipeline.check_train_steps(10, start_epoch=0, start_step=0, **kw) == 2  # 10 // 4
+    assert pipeline.check_train_steps(10, start_epoch=2, start_step=1, **kw) == 2
+    assert pipeline.check_train_steps(10, start_epoch=3, start_step=0, **kw) == 2  # finished
+    with pytest.raises(ConfigError, match="--eval_batch_size=0"):
+        pipeline.check_eval_batch_size(0)
+    pipeline.check_eval_batch_size(1)
+
+
+def test_apply_options_is_deterministic_with_the_given_sharding():
+    from sbt_keras.data import pipeline
+
+    policy = tf.data.experimental.AutoShardPolicy
+    shared = pipeline.apply_options(tf.data.Dataset.range(4)).options()
+    assert shared.deterministic and shared.experimental_distribute.auto_shard_policy == policy.DATA
+    own = pipeline.apply_options(tf.data.Dataset.range(4), auto_shard=policy.OFF).options()
+    assert own.deterministic and own.experimental_distribute.auto_shard_policy == policy.OFF
 
 
 # ---------------------------------------------------------------- synthetic / tfds

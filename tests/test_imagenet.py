@@ -247,10 +247,10 @@ def test_train_batches_shapes_full_batches_and_cardinality(fake_imagenet):
 def test_train_examples_are_preprocessed_with_their_own_seed(fake_imagenet):
     ds = imagenet.train_dataset(batch_size=3, seed=5, epochs=2, start_epoch=1, **_SMALL,
                                 **fake_imagenet, train_examples=_NUM_FAKE)
-    root = pipeline._root_seed(5)
+    root = pipeline.root_seed(5)
     for step, (x, y) in enumerate(_collect(ds.take(2))):
         for j, label in enumerate(y):
-            key = pipeline._stream_seed(root, imagenet._AUGMENT_STREAM, 1, step * 3 + j)
+            key = pipeline.stream_seed(root, imagenet._AUGMENT_STREAM, 1, step * 3 + j)
             want = imagenet.train_preprocess(_decoded(label), key, **_SMALL).numpy()
             np.testing.assert_array_equal(x[j], want)
 

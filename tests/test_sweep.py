@@ -74,8 +74,7 @@ def _base(tmp_path, **overrides):
 
 
 def _grid(base, **texts):
-    return grid_lib.Grid.from_flags(base, texts, seeds=texts.pop("seeds", 1)
-                                    if "seeds" in texts else 1)
+    return grid_lib.Grid.from_flags(base, texts, seeds=texts.pop("seeds", 1))
 
 
 def test_invalid_points_are_skipped_and_an_empty_grid_refused(tmp_path):
@@ -371,37 +370,77 @@ def _parse_sweep_flags(argv):
     return fv
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "experiments/figures").glob("*.flags")),
-                         ids=lambda p: p.stem)
-def test_figure_flagfiles_expand_to_the_papers_grid(path, tmp_path):
-    from sbt_keras import flags as run_flags
-    # Fig. 13 reads the best eta_tilde per m from an earlier sweep: give it one.
+FIGURES = REPO / "experiments/figures"
+# No ImageNet here: its grids expand over stand-in data of the same kind of size.
+IMAGENET_STANDIN = ("--dataset=synthetic", "--synthetic_train=4096")
+# The m x eta_tilde figures on CIFAR: 2..2048 x 2^-12..2^0.
+M_BY_LR_FIGURES = ["fig01", "fig02", "fig03", "fig05", "fig06", "fig07", "fig08", "fig09",
+                   "fig10", "fig11", "fig17", "fig18"]
+FIXED_RATE_FIGURES = [("fig14_large", -10, 1024), ("fig14_2048", -9, 2048)]  # §3.6, m > 128
+# Each m at the eta_tilde that was best for it in an earlier sweep (--grid_best_lr_from).
+BEST_LR_FIGURES = [("fig13", ()), ("fig13_cifar100", ()), ("fig14", IMAGENET_STANDIN)]
+
+
+@pytest.fixture
+def earlier_sweep(tmp_path):
+    """--grid_best_lr_from pointing at a finished sweep whose best rate is 2^-8 for every m."""
     earlier = tmp_path / "earlier"
     results.write_csv(earlier / "results.csv", [
         {"batch_size": 2 ** k, "log2_base_lr": -8, "status": "completed",
          "test_accuracy": 0.5} for k in range(1, 12)],
         ("batch_size", "log2_base_lr", "status", "test_accuracy"))
-    imagenet = "imagenet" in path.read_text()
-    # No ImageNet here: expand its grids over stand-in data of the same kind of size.
-    data = ["--dataset=synthetic", "--synthetic_train=4096"] if imagenet else []
-    fv = _parse_sweep_flags([f"--flagfile={path}", f"--output_dir={tmp_path / 'out'}", *data])
-    best_from = str(earlier) if fv.grid_best_lr_from else ""
+    return f"--grid_best_lr_from={earlier}"
+
+
+def _expand_figure(stem, tmp_path, *extra_flags):
+    """(base config, grid axes, valid points, skipped points) of a figure's flagfile."""
+    from sbt_keras import flags as run_flags
+    fv = _parse_sweep_flags([f"--flagfile={FIGURES / stem}.flags",
+                             f"--output_dir={tmp_path / 'out'}", *extra_flags])
     base = run_flags.config_from_flags(fv)
     grid = grid_lib.Grid.from_flags(base, run_flags.grid_texts_from_flags(fv), fv.seeds,
-                                    best_from)
+                                    fv.grid_best_lr_from)
     valid, skipped = grid_lib.split_points(base, grid, lambda p: str(tmp_path / p.name))
-    axes = dict(grid.axes)
-    if imagenet and "log2_base_lr" in axes:  # Fig. 12: 4..256 x 2^-12..2^0 (§3.1), two seeds
-        assert axes["log2_base_lr"] == tuple(float(k) for k in range(-12, 1))
-        assert len(valid) == 7 * 13 * 2 and not skipped
-        assert base.epochs == 90 and base.lr_decay_epochs == (30, 60, 80)
-    elif path.stem in ("fig14_large", "fig14_2048"):  # §3.6's fixed rates for m > 128
-        assert base.log2_base_lr == (-10 if path.stem == "fig14_large" else -9)
-        assert max(axes["batch_size"]) == (1024 if path.stem == "fig14_large" else 2048)
-        assert len(valid) == len(axes["batch_size"]) * 4 and not skipped
-    elif "log2_base_lr" in axes:  # the m x eta_tilde figures: 2..2048 x 2^-12..2^0
-        assert axes["batch_size"] == tuple(2 ** k for k in range(1, 12))
-        assert axes["log2_base_lr"] == tuple(float(k) for k in range(-12, 1))
-        assert len(valid) == 143 and not skipped
-    else:
-        assert valid
+    return base, dict(grid.axes), valid, skipped
+
+
+def test_every_figure_flagfile_is_checked():
+    checked = (M_BY_LR_FIGURES + ["fig04", "fig12"]
+               + [stem for stem, _, _ in FIXED_RATE_FIGURES]
+               + [stem for stem, _ in BEST_LR_FIGURES])
+    assert sorted(checked) == sorted(p.stem for p in FIGURES.glob("*.flags"))
+
+
+@pytest.mark.parametrize("stem", M_BY_LR_FIGURES)
+def test_m_by_lr_figure_flagfiles_expand_to_the_papers_grid(stem, tmp_path):
+    _, axes, valid, skipped = _expand_figure(stem, tmp_path)
+    assert axes["batch_size"] == tuple(2 ** k for k in range(1, 12))
+    assert axes["log2_base_lr"] == tuple(float(k) for k in range(-12, 1))
+    assert len(valid) == 143 and not skipped
+
+
+def test_fig12_flagfile_expands_to_4_to_256_by_the_papers_rates_over_two_seeds(tmp_path):
+    base, axes, valid, skipped = _expand_figure("fig12", tmp_path, *IMAGENET_STANDIN)
+    assert axes["log2_base_lr"] == tuple(float(k) for k in range(-12, 1))  # §3.1
+    assert len(valid) == 7 * 13 * 2 and not skipped
+    assert base.epochs == 90 and base.lr_decay_epochs == (30, 60, 80)
+
+
+@pytest.mark.parametrize("stem, rate, largest", FIXED_RATE_FIGURES)
+def test_large_batch_fig14_flagfiles_use_the_papers_fixed_rates(stem, rate, largest,
+                                                                tmp_path):
+    base, axes, valid, skipped = _expand_figure(stem, tmp_path, *IMAGENET_STANDIN)
+    assert base.log2_base_lr == rate
+    assert max(axes["batch_size"]) == largest
+    assert len(valid) == len(axes["batch_size"]) * 4 and not skipped
+
+
+def test_fig04_flagfile_expands(tmp_path):
+    _, _, valid, _ = _expand_figure("fig04", tmp_path)
+    assert valid
+
+
+@pytest.mark.parametrize("stem, data", BEST_LR_FIGURES)
+def test_best_lr_figure_flagfiles_expand(stem, data, tmp_path, earlier_sweep):
+    _, _, valid, _ = _expand_figure(stem, tmp_path, *data, earlier_sweep)
+    assert valid

@@ -27,19 +27,29 @@ def tiny(tmp_path, name="run", **overrides):
     return Config(**values).resolve()
 
 
-def test_run_writes_every_record(tmp_path):
-    cfg = tiny(tmp_path)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One tiny 3-epoch run, shared by the checks of what it writes: (config, the result
+    train returned, its output directory, the rows of its history.csv)."""
+    cfg = tiny(tmp_path_factory.mktemp("records"))
     result = train(cfg)
     out = pathlib.Path(cfg.output_dir)
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    return cfg, result, out, rows
 
+
+def test_config_yaml_round_trips_with_the_derived_values(finished_run):
+    cfg, _, out, _ = finished_run
     stored = yaml.safe_load((out / "config.yaml").read_text())
     assert Config.from_dict({k: v for k, v in stored.items()
                              if k not in ("derived", "versions")}) == cfg
     assert stored["derived"]["steps_per_epoch"] == 8
     assert stored["derived"]["learning_rate"] == pytest.approx(8 * 2.0 ** -6)
 
-    with open(out / "history.csv") as f:
-        rows = list(csv.DictReader(f))
+
+def test_history_has_a_row_per_epoch_with_the_decayed_rates(finished_run):
+    _, _, _, rows = finished_run
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [int(r["step"]) for r in rows] == [8, 16, 24]
     assert list(rows[0]) == list(results.HISTORY_COLUMNS)
@@ -48,6 +58,9 @@ def test_run_writes_every_record(tmp_path):
         [2.0 ** -6, 2.0 ** -6 / 10, 2.0 ** -6 / 100])  # each epoch's last update: 7, 15, 23
     assert float(rows[0]["learning_rate"]) == pytest.approx(8 * 2.0 ** -6)
 
+
+def test_result_yaml_is_the_returned_result_with_the_median_accuracy(finished_run):
+    _, result, out, rows = finished_run
     on_disk = yaml.safe_load((out / "result.yaml").read_text())
     assert on_disk == result
     assert result["status"] == "completed"
@@ -55,9 +68,17 @@ def test_run_writes_every_record(tmp_path):
     test_acc = [float(r["test_accuracy"]) for r in rows]
     assert result["test_accuracy"] == pytest.approx(float(np.median(test_acc[-2:])))
     assert result["examples_per_second"] > 0
+
+
+def test_test_accuracy_counts_the_whole_test_set(finished_run):
+    _, _, _, rows = finished_run
     # Test accuracy is measured on the full test set: a multiple of 1/40.
+    test_acc = [float(r["test_accuracy"]) for r in rows]
     assert all(abs(a * 40 - round(a * 40)) < 1e-4 for a in test_acc)
 
+
+def test_tensorboard_scalars_match_the_history(finished_run):
+    _, _, out, rows = finished_run
     tb = out / "tb"
     train_scalars, test_scalars = _scalars(tb / "train"), _scalars(tb / "test")
     assert {"loss", "accuracy", "learning_rate", "base_lr"} <= set(train_scalars)
@@ -68,9 +89,17 @@ def test_run_writes_every_record(tmp_path):
         assert [step for step, _ in scalars[tag]] == [1, 2, 3]  # one per epoch
         assert [value for _, value in scalars[tag]] == pytest.approx(
             [float(r[column]) for r in rows])
-    root = _scalars(tb)  # the HParams dashboard's metric, at the last epoch
+
+
+def test_tensorboard_hparams_metric_is_the_result(finished_run):
+    _, result, out, _ = finished_run
+    root = _scalars(out / "tb")  # the HParams dashboard's metric, at the last epoch
     assert [step for step, _ in root["median_test_accuracy"]] == [3]
     assert root["median_test_accuracy"][0][1] == pytest.approx(result["test_accuracy"])
+
+
+def test_a_checkpoint_is_written(finished_run):
+    _, _, out, _ = finished_run
     assert (out / "checkpoints" / "checkpoint").exists()
 
 

@@ -257,25 +257,8 @@ def _read(builder, split, *, shuffle_seed=None):
 def _python_seed(root, stream, *data):
     """A non-negative int seed for ops that take Python seeds (tfds, Dataset.shuffle)."""
     # A key's first element does not depend on its last fold-in; draw from the whole key.
-    key = pipeline._stream_seed(root, stream, *data)
+    key = pipeline.stream_seed(root, stream, *data)
     return int(tf.random.stateless_uniform([], key, minval=0, maxval=2**31 - 1, dtype=tf.int64))
-
-
-def _check_steps(num, batch_size, epochs, start_epoch, start_step):
-    """Batches per epoch, after the checks of ``pipeline.train_dataset``."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch_size={batch_size} must be at least 1")
-    steps = num // batch_size
-    if steps == 0:
-        raise ConfigError(f"--batch_size={batch_size} is larger than the {num} training "
-                          f"examples; lower --batch_size or use more --train_examples")
-    if not 0 <= start_epoch <= epochs:
-        raise ConfigError(f"start epoch {start_epoch} is outside 0..{epochs}; check --epochs "
-                          f"against the checkpoint")
-    if not 0 <= start_step < steps or (start_step and start_epoch == epochs):
-        raise ConfigError(f"start step {start_step} is outside epoch {start_epoch}'s {steps} "
-                          f"batches; the checkpoint does not match --batch_size")
-    return steps
 
 
 def _shares(batch_size, input_context):
@@ -300,12 +283,9 @@ def _own_share(position, batch_size, workers, worker):
 
 def _finish(ds, input_context):
     if input_context is None:  # one stream of global batches (auto-sharded if distributed)
-        return pipeline._options(ds)
-    opts = tf.data.Options()
-    opts.deterministic = True
+        return pipeline.apply_options(ds)
     # Already this worker's own share; nothing for tf.distribute to shard.
-    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(opts)
+    return pipeline.apply_options(ds, auto_shard=tf.data.experimental.AutoShardPolicy.OFF)
 
 
 def _made(make, strategy, input_context):
@@ -348,9 +328,10 @@ def train_dataset(*, data_dir, batch_size, seed, epochs, start_epoch=0, start_st
     """
     builder = _builder(data_dir, manual_dir, chief=_is_chief(strategy))
     split, num = _subset(builder, "train", train_examples, NUM_TRAIN, "train_examples")
-    steps = _check_steps(num, batch_size, epochs, start_epoch, start_step)
+    steps = pipeline.check_train_steps(num, batch_size=batch_size, epochs=epochs,
+                                       start_epoch=start_epoch, start_step=start_step)
     total_steps = (epochs - start_epoch) * steps - start_step
-    root = pipeline._root_seed(seed)
+    root = pipeline.root_seed(seed)
 
     def epoch_examples(epoch):
         ds = _read(builder, split, shuffle_seed=_python_seed(root, _FILES_STREAM, epoch))
@@ -363,7 +344,7 @@ def train_dataset(*, data_dir, batch_size, seed, epochs, start_epoch=0, start_st
     def preprocess(epoch, position, image_bytes, label):
         if not augment:
             return eval_preprocess(_decode(image_bytes), crop=crop), tf.cast(label, tf.int32)
-        key = pipeline._stream_seed(root, _AUGMENT_STREAM, epoch, position)
+        key = pipeline.stream_seed(root, _AUGMENT_STREAM, epoch, position)
         image = train_preprocess(_decode(image_bytes), key, crop=crop, scale_range=scale_range)
         return image, tf.cast(label, tf.int32)
 
@@ -391,9 +372,9 @@ def eval_dataset(*, data_dir, batch_size, test_examples=0, crop=CROP, manual_dir
     """The validation split (or its first ``test_examples``) in a fixed order.
 
     Centre crops (``eval_preprocess``) as full batches with weights: the stream is padded
-    to whole batches of ``batch_size`` with copies of its first example of weight 0 (as
-    ``pipeline.pad_and_batch``), so every batch has a static shape and every real example
-    counts exactly once. ``input_context`` and ``strategy`` split each (padded) global
+    to whole batches of ``batch_size`` with copies of its first example of weight 0
+    (``pipeline.pad_with_weights``), so every batch has a static shape and every real
+    example counts exactly once. ``input_context`` and ``strategy`` split each (padded) global
     batch as in ``train_dataset``: each worker decodes only its own share.
 
     Returns:
@@ -401,20 +382,15 @@ def eval_dataset(*, data_dir, batch_size, test_examples=0, crop=CROP, manual_dir
       float32 [batch_size])`` (per-replica batches with ``input_context``, the distributed
       dataset with ``strategy``).
     """
-    if batch_size < 1:
-        raise ConfigError(f"--eval_batch_size={batch_size} must be at least 1")
+    pipeline.check_eval_batch_size(batch_size)
     builder = _builder(data_dir, manual_dir, chief=_is_chief(strategy))
     split, num = _subset(builder, "validation", test_examples, NUM_VALIDATION, "test_examples")
     padded = pipeline.padded_size(num, batch_size)
 
     def make(input_context):
         workers, worker, per_replica = _shares(batch_size, input_context)
-        ds = _read(builder, split).map(lambda image_bytes, label:
-                                       (image_bytes, label, tf.constant(1.0)))
-        if padded > num:
-            ds = ds.concatenate(ds.take(1).map(lambda image_bytes, label, weight:
-                                               (image_bytes, label, tf.constant(0.0)))
-                                .repeat(padded - num))
+        ds = pipeline.pad_with_weights(_read(builder, split), num_examples=num,
+                                       batch_size=batch_size)
         if workers > 1:
             ds = ds.enumerate().filter(
                 lambda position, example: _own_share(position, batch_size, workers, worker))
