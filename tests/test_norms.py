@@ -581,3 +581,17 @@ def test_saved_model_keeps_renorm_step_mix_logits_and_moving_statistics(tmp_path
                                model.get_layer("mx").mixing_weights().numpy())
     np.testing.assert_allclose(loaded(x, training=False).numpy(),
                                model(x, training=False).numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["batch_renorm", "mix"])
+def test_sub_batches_with_unknown_batch_dimension_in_a_graph(name):
+    layer = norm_layer(name, channels=3, layer_name="n", bn_batch_size=4)
+    spec = [tf.TensorSpec([None, 4, 4, 3], tf.float32)]
+    train = tf.function(lambda t: layer(t, training=True), input_signature=spec)
+    infer = tf.function(lambda t: layer(t, training=False), input_signature=spec)
+    assert train(_inputs(CONV)).shape == CONV
+    assert infer(_inputs((3, 4, 4, 3))).shape == (3, 4, 4, 3)  # inference: no groups
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not divisible by bn_batch_size=4"):
+        train(_inputs((6, 4, 4, 3)))
+    with pytest.raises(ValueError, match="n: batch of 6 examples per replica is not divisible"):
+        layer(_inputs((6, 4, 4, 3)), training=True)
