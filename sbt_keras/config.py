@@ -16,13 +16,10 @@ import os
 import re
 from typing import Optional, Tuple
 
-from sbt_keras import data, distribute, models
+from sbt_keras import data, distribute, models, norms
 from sbt_keras.errors import ConfigError
 
 PRECISIONS = ("float32", "mixed_bfloat16")
-MOVING_VARIANCES = ("unbiased", "biased")
-# Kept here until the normalization registry has a TensorFlow-free table of its own.
-NORM_NAMES = ("none", "batch", "group", "layer")
 # --tpu: `local`, a TPU name, or grpc://host:port (a malformed address would otherwise
 # hang in the TPU resolver instead of failing).
 _TPU_ADDRESS = re.compile(r"^(grpc://[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}"
@@ -52,7 +49,7 @@ class Config:
                          choices=models.MODELS, hparam=True)
     norm: str = setting("batch", "Normalization after each conv (and hidden dense) layer; "
                         "'batch' is sub-batch BN (docs/normalization.md).",
-                        group="normalization", choices=NORM_NAMES, hparam=True)
+                        group="normalization", choices=norms.NORM_NAMES, hparam=True)
     norm_dense: bool = setting(True, "alexnet_reduced: also normalize the hidden dense layers "
                                "(paper Fig. 5); --nonorm_dense normalizes convs only (Fig. 6).",
                                group="normalization")
@@ -68,7 +65,7 @@ class Config:
         "unbiased", "Population variance used at inference: 'unbiased' averages each BN "
         "group's variance times n/(n-1), n = examples x pixels per group (Ioffe & Szegedy "
         "2015); 'biased' averages the groups' biased variances.", group="normalization",
-        choices=MOVING_VARIANCES)
+        choices=norms.MOVING_VARIANCE_CHOICES)
     # Data.
     dataset: str = setting("cifar10", "Dataset.", group="data", choices=data.DATASETS,
                            hparam=True)

@@ -1,61 +1,111 @@
 """Normalization layers selectable by name (`--norm`).
 
-"batch" is the paper's batch normalization with a separate BN batch size; "group" and
-"layer" are beyond-paper options that do not depend on the batch at all.
-"""
-import keras
+"batch" is the paper's batch normalization with a separate BN batch size; the others are
+beyond-paper options for the normalization study (docs/normalization.md): "batch_renorm"
+(Ioffe 2017, on the same sub-batches), "group", "instance" and "layer" (statistics of each
+example alone) and "mix" (learned mixture of batch and per-example statistics).
 
+Every NORMS entry is a factory `f(*, channels, layer_name, **options)` returning a new
+layer (None for "none"); it reads the options sbt_keras.norms.NORM_OPTIONS lists for it,
+with sbt_keras.norms.DEFAULT_OPTIONS for missing ones, and ignores the rest. The
+TensorFlow-free facts about the norms (names, options, which use batch statistics) live in
+sbt_keras.norms so that the config can check them before TensorFlow loads.
+"""
+from sbt_keras import norms as _norms
 from sbt_keras.errors import ConfigError
+from sbt_keras.layers.batch_renorm import BatchRenormalization
+from sbt_keras.layers.example_norm import ExampleNormalization
+from sbt_keras.layers.mixed_norm import MixedNormalization
 from sbt_keras.layers.subbatch_norm import SubBatchNormalization
 
 
-def _no_norm(**_):
+def _option(options, key):
+    return options.get(key, _norms.DEFAULT_OPTIONS[key])
+
+
+def _no_norm(*, channels=None, layer_name=None, **_):
     return None
 
 
-def _batch_norm(*, layer_name, bn_batch_size=None, momentum=0.99, epsilon=1e-3,
-                synchronized=False, moving_variance="unbiased", **_):
+def _batch_norm(*, channels=None, layer_name=None, **options):
     return SubBatchNormalization(
-        bn_batch_size=bn_batch_size, momentum=momentum, epsilon=epsilon,
-        synchronized=synchronized, name=layer_name
+        bn_batch_size=_option(options, "bn_batch_size"), momentum=_option(options, "momentum"),
+        epsilon=_option(options, "epsilon"), synchronized=_option(options, "synchronized"),
+        moving_variance=_option(options, "moving_variance"), name=layer_name,
     )
 
 
-def _largest_divisor_up_to(n, limit):
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+def _batch_renorm(*, channels=None, layer_name=None, **options):
+    return BatchRenormalization(
+        bn_batch_size=_option(options, "bn_batch_size"), momentum=_option(options, "momentum"),
+        epsilon=_option(options, "epsilon"),
+        moving_variance=_option(options, "moving_variance"),
+        r_max=_option(options, "renorm_r_max"), d_max=_option(options, "renorm_d_max"),
+        start_step=_option(options, "renorm_start_step"),
+        r_end_step=_option(options, "renorm_r_end_step"),
+        d_end_step=_option(options, "renorm_d_end_step"),
+        name=layer_name,
+    )
 
 
-def _group_norm(*, channels, layer_name, epsilon=1e-3, **_):
-    if channels is None:
-        raise ValueError("norm 'group' needs the channel count to choose its groups")
-    # Wu & He (2018) use 32 groups; fall back to the largest count that divides channels.
-    groups = _largest_divisor_up_to(channels, 32)
-    return keras.layers.GroupNormalization(groups=groups, epsilon=epsilon, name=layer_name)
+def _group_norm(*, channels=None, layer_name=None, **options):
+    # Wu & He (2018): 32 groups by default. A count that does not divide the channels is
+    # an error, never silently replaced by another one.
+    groups = _option(options, "gn_groups")
+    _norms.check_groups(channels, groups, layer_name)
+    return ExampleNormalization("group", groups=groups, epsilon=_option(options, "epsilon"),
+                                name=layer_name)
 
 
-def _layer_norm(*, layer_name, epsilon=1e-3, **_):
-    # Ba et al. (2016) for conv nets: each example over all of (H, W, C) -- one group.
+def _instance_norm(*, channels=None, layer_name=None, **options):
+    return ExampleNormalization("instance", epsilon=_option(options, "epsilon"),
+                                name=layer_name)
+
+
+def _layer_norm(*, channels=None, layer_name=None, **options):
+    # Ba et al. (2016) for conv nets: each example over all of (H, W, C).
     # keras.layers.LayerNormalization would normalize over C alone at every pixel.
-    return keras.layers.GroupNormalization(groups=1, epsilon=epsilon, name=layer_name)
+    return ExampleNormalization("layer", epsilon=_option(options, "epsilon"), name=layer_name)
+
+
+def _mix_norm(*, channels=None, layer_name=None, **options):
+    return MixedNormalization(
+        mix_norms=_option(options, "mix_norms"),
+        per_channel=_option(options, "mix_per_channel"),
+        bn_batch_size=_option(options, "bn_batch_size"), momentum=_option(options, "momentum"),
+        epsilon=_option(options, "epsilon"),
+        moving_variance=_option(options, "moving_variance"),
+        name=layer_name,
+    )
 
 
 NORMS = {
-    "batch": _batch_norm,
-    "group": _group_norm,
-    "layer": _layer_norm,
     "none": _no_norm,
+    "batch": _batch_norm,
+    "batch_renorm": _batch_renorm,
+    "group": _group_norm,
+    "instance": _instance_norm,
+    "layer": _layer_norm,
+    "mix": _mix_norm,
 }
+assert tuple(NORMS) == _norms.NORM_NAMES
 
 
 def norm_layer(name, *, channels=None, layer_name=None, **options):
     """Returns a new normalization layer for `--norm=name`, or None for "none".
 
-    `options` (bn_batch_size, momentum, epsilon, synchronized, moving_variance, ...) are
-    taken by the norms that use them and ignored by the others; `channels` is required by
-    "group".
+    `options` are keys of sbt_keras.norms.DEFAULT_OPTIONS (others are a TypeError); each
+    norm reads those NORM_OPTIONS[name] lists and ignores the rest; their values are checked
+    by sbt_keras.norms.check_options (ValueError). `channels` is the
+    normalized layer's channel count (required by "group").
     """
     if name not in NORMS:
         raise ConfigError(f"--norm={name} is unknown; choose one of {', '.join(sorted(NORMS))}")
+    unknown = sorted(set(options) - set(_norms.OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"unknown normalization option(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(_norms.OPTION_NAMES)}")
+    _norms.check_options(name, **options)
     return NORMS[name](channels=channels, layer_name=layer_name, **options)
 
 
@@ -65,4 +115,5 @@ def normalized(x, name, *, channels, layer_name, **options):
     return x if layer is None else layer(x)
 
 
-__all__ = ["NORMS", "SubBatchNormalization", "norm_layer", "normalized"]
+__all__ = ["BatchRenormalization", "ExampleNormalization", "MixedNormalization", "NORMS",
+           "SubBatchNormalization", "norm_layer", "normalized"]
