@@ -132,6 +132,10 @@ class Config:
     checkpoint_every_steps: int = setting(
         0, "Also checkpoint every N steps (0 = at epoch ends only); for long epochs on "
         "preemptible machines.", group="records", execution=True)
+    keep_checkpoint_every_epochs: int = setting(
+        0, "Also keep the initial weights and every K-th epoch end as checkpoints of their "
+        "own (checkpoints/epochs/), for warm starts, interpolation and the instruments "
+        "(0 = only the newest 3 rolling checkpoints).", group="records", execution=True)
     eval_batch_size: int = setting(512, "Test-set batch size, a power of two so that any "
                                    "replica count divides it; the last batch is padded "
                                    "(padding not counted).", group="records", execution=True)
@@ -252,6 +256,9 @@ class Config:
                               f">= 0")
         steps_per_execution = _steps_per_execution(
             c.steps_per_execution, info.num_train // c.batch_size, c.checkpoint_every_steps)
+        if c.keep_checkpoint_every_epochs < 0:
+            raise ConfigError(f"--keep_checkpoint_every_epochs={c.keep_checkpoint_every_epochs}"
+                              f" must be >= 0 (0: keep only the newest checkpoints)")
         if c.histogram_freq < 0:
             raise ConfigError(f"--histogram_freq={c.histogram_freq} must be >= 0")
         if not c.output_dir:

@@ -9,6 +9,7 @@
 """
 import contextlib
 import dataclasses
+import functools
 import os
 import platform
 import time
@@ -18,7 +19,7 @@ from absl import logging
 from sbt_keras import memory, results
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
-from sbt_keras.training import resume
+from sbt_keras.training import resume, snapshot
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
@@ -37,9 +38,9 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
     import keras
     import tensorflow as tf
 
-    from sbt_keras import data, distribute, models
+    from sbt_keras import data, distribute
     from sbt_keras.training import callbacks, schedules
-    from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer
+    from sbt_keras.training.builder import build_model
 
     # ------------------------------------------------------------------ Records
     info = cfg.data_info()
@@ -76,16 +77,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
 
         # -------------------------------------------------------------- Model & optimizer
         with strategy.scope():
-            network = models.build(
-                cfg.model, input_shape=info.image_shape, num_classes=info.num_classes,
-                norm=cfg.norm, norm_dense=cfg.norm_dense, **cfg.norm_options(bn_batch_size))
-            model = SummedGradientModel(
-                network, weight_decay=cfg.weight_decay,
-                decayed_variables=models.decayed_variables(network, cfg.weight_decay_on),
-                unrolled_steps=cfg.unrolled_steps)
-            model.compile(optimizer=build_optimizer(schedule),
-                          steps_per_execution=cfg.steps_per_execution,
-                          jit_compile=cfg.jit_compile)
+            network, model = build_model(cfg, info, bn_batch_size, schedule)
         if cfg.strategy != "tpu" and not tf.config.list_logical_devices("GPU"):
             # Training on CPUs: this process's replicas share the host's memory.
             memory.check_fits(
@@ -123,6 +115,10 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             histogram_freq=cfg.histogram_freq, network=network)
         restore_metrics = callbacks.RestoreMetrics(
             metric_variables, [v.numpy() for v in metric_variables] if plan.mid_epoch else None)
+        snapshots = [callbacks.EpochSnapshots(
+            checkpoint, functools.partial(snapshot.epoch_checkpoint_prefix, out),
+            cfg.keep_checkpoint_every_epochs, divergence)
+        ] if cfg.keep_checkpoint_every_epochs else []
         started = time.monotonic()
         with callbacks.Preemption() as preemption:
             checkpointer = callbacks.Checkpointer(manager, divergence, preemption,
@@ -139,7 +135,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                           verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
                           callbacks=[restore_metrics, divergence, recorder,
                                      callbacks.EpochLog(cfg.epochs), checkpointer,
-                                     *extra_callbacks])
+                                     *snapshots, *extra_callbacks])
         session_seconds = time.monotonic() - started
         session_steps = int(model.optimizer.iterations.numpy()) - start_step
 

@@ -209,15 +209,20 @@ def source(cfg, strategy=None):
                                             train_examples=cfg.train_examples, **where),
             eval_dataset=functools.partial(imagenet.eval_dataset,
                                            test_examples=cfg.test_examples, **where))
-    splits = load(  # small enough to hold in memory
-        cfg.dataset, cifar_dir=cfg.cifar_dir, data_dir=cfg.data_dir, download=cfg.download,
-        train_examples=cfg.train_examples, test_examples=cfg.test_examples,
-        image_size=cfg.image_size, num_classes=cfg.num_classes,
-        synthetic_train=cfg.synthetic_train, synthetic_test=cfg.synthetic_test,
-        seed=cfg.seed)
+    splits = load_for(cfg)  # small enough to hold in memory
     mean, std = augment.channel_stats(splits.train.images)
     return types.SimpleNamespace(
         train_dataset=functools.partial(pipeline.train_dataset, splits.train, mean=mean,
                                         std=std),
         eval_dataset=functools.partial(pipeline.eval_dataset, splits.test, mean=mean,
                                        std=std))
+
+
+def load_for(cfg):
+    """`load` with the data settings of the Config `cfg` (CIFAR or synthetic)."""
+    return load(
+        cfg.dataset, cifar_dir=cfg.cifar_dir, data_dir=cfg.data_dir, download=cfg.download,
+        train_examples=cfg.train_examples, test_examples=cfg.test_examples,
+        image_size=cfg.image_size, num_classes=cfg.num_classes,
+        synthetic_train=cfg.synthetic_train, synthetic_test=cfg.synthetic_test,
+        seed=cfg.seed)

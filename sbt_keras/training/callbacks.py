@@ -220,6 +220,27 @@ class Checkpointer(keras.callbacks.Callback):
         self._stop_if_preempted()
 
 
+class EpochSnapshots(keras.callbacks.Callback):
+    """Keeps the initial weights and every `every_epochs`-th epoch end as a checkpoint of
+    its own (`prefix(epoch)`), beside the rolling ones: what warm starts, interpolation and
+    the instruments load an earlier epoch from. Nothing is kept once training diverged."""
+
+    def __init__(self, checkpoint, prefix, every_epochs, divergence):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.prefix = prefix
+        self.every_epochs = every_epochs
+        self.divergence = divergence
+
+    def on_train_begin(self, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == 0:
+            self.checkpoint.write(self.prefix(0))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every_epochs == 0 and not self.divergence.diverged:
+            self.checkpoint.write(self.prefix(epoch + 1))
+
+
 class RestoreMetrics(keras.callbacks.Callback):
     """Puts back the running metric sums of a checkpoint taken mid-epoch.
 
