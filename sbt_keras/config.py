@@ -66,6 +66,29 @@ class Config:
         "group's variance times n/(n-1), n = examples x pixels per group (Ioffe & Szegedy "
         "2015); 'biased' averages the groups' biased variances.", group="normalization",
         choices=norms.MOVING_VARIANCE_CHOICES)
+    gn_groups: int = setting(
+        0, "Channel groups of --norm=group; must divide every normalized layer's channels. "
+        "0: the model's default (Wu & He's 32 for resnet50; 16 for the CIFAR models, whose "
+        "first stage has 16 channels).", group="normalization")
+    renorm_r_max: float = setting(3.0, "--norm=batch_renorm: final clip r_max of "
+                                  "sigma_B/sigma (Ioffe 2017: 3).", group="normalization")
+    renorm_d_max: float = setting(5.0, "--norm=batch_renorm: final clip d_max of "
+                                  "(mu_B - mu)/sigma (Ioffe 2017: 5).", group="normalization")
+    renorm_start_step: int = setting(
+        -1, "--norm=batch_renorm: r_max = 1 and d_max = 0 up to this step, then linear "
+        "ramps (-1: 5% of all iterations).", group="normalization")
+    renorm_r_end_step: int = setting(
+        -1, "--norm=batch_renorm: step at which r_max reaches --renorm_r_max (-1: 40% of "
+        "all iterations).", group="normalization")
+    renorm_d_end_step: int = setting(
+        -1, "--norm=batch_renorm: step at which d_max reaches --renorm_d_max (-1: 25% of "
+        "all iterations).", group="normalization")
+    mix_norms: Tuple[str, ...] = setting(
+        ("batch", "layer"), "--norm=mix: the statistics it mixes, 2 or 3 of batch, instance, "
+        "layer (all three with softmax weights: Switchable Normalization).",
+        group="normalization")
+    mix_per_channel: bool = setting(False, "--norm=mix: learn one mixing weight per channel "
+                                    "instead of one per layer.", group="normalization")
     # Data.
     dataset: str = setting("cifar10", "Dataset.", group="data", choices=data.DATASETS,
                            hparam=True)
@@ -222,9 +245,10 @@ class Config:
         if c.bn_batch_size and c.batch_size % c.bn_batch_size:
             raise ConfigError(f"--batch_size={c.batch_size} is not divisible by "
                               f"--bn_batch_size={c.bn_batch_size}; choose a divisor")
-        if c.bn_batch_size and c.norm != "batch":
-            raise ConfigError(f"--bn_batch_size only applies to --norm=batch "
-                              f"(got --norm={c.norm}); drop it")
+        if c.bn_batch_size and not norms.uses_batch_statistics(c.norm, c.mix_norms):
+            raise ConfigError(f"--bn_batch_size only applies to the norms with batch "
+                              f"statistics ({', '.join(sorted(norms.BATCH_STAT_NORMS))}; mix "
+                              f"with a batch component), not --norm={c.norm}; drop it")
         if c.bn_sync and (c.norm != "batch" or c.bn_batch_size not in (0, c.batch_size)):
             raise ConfigError("--bn_sync normalizes over the whole batch of every replica; "
                               "use it with --norm=batch and without --bn_batch_size")
@@ -254,6 +278,7 @@ class Config:
         if c.checkpoint_every_steps < 0:
             raise ConfigError(f"--checkpoint_every_steps={c.checkpoint_every_steps} must be "
                               f">= 0")
+        norm_resolved = _check_norm_options(c, info.num_train // c.batch_size * c.epochs)
         steps_per_execution = _steps_per_execution(
             c.steps_per_execution, info.num_train // c.batch_size, c.checkpoint_every_steps)
         if c.keep_checkpoint_every_epochs < 0:
@@ -268,15 +293,16 @@ class Config:
             weight_decay=float(weight_decay),
             steps_per_execution=steps_per_execution,
             unrolled_steps=_unrolled_steps(c.unrolled_steps, steps_per_execution),
-            lr_decay_fractions=fractions, lr_decay_epochs=decay_epochs)
+            lr_decay_fractions=fractions, lr_decay_epochs=decay_epochs, **norm_resolved)
 
     def norm_options(self, bn_batch_size) -> dict:
-        """The normalization settings a model is built with, under their Config names;
-        `bn_batch_size` is the BN batch `check_replicas` resolved (None: the whole replica
-        batch, as synchronized BN needs)."""
+        """The normalization settings a resolved Config builds its model with, under their
+        Config names; `bn_batch_size` is the BN batch `check_replicas` resolved (None: the
+        whole replica batch, as synchronized BN needs)."""
         return dict(bn_batch_size=None if self.bn_sync else bn_batch_size,
                     bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                    bn_sync=self.bn_sync, bn_moving_variance=self.bn_moving_variance)
+                    bn_sync=self.bn_sync, bn_moving_variance=self.bn_moving_variance,
+                    **{name: getattr(self, name) for name in NEW_NORM_OPTIONS})
 
     def data_info(self) -> "data.DataInfo":
         """Sizes of the chosen data, computed without TensorFlow (validates the source)."""
@@ -308,6 +334,15 @@ class Config:
                               f"per-replica batch {per_replica} (= --batch_size "
                               f"{self.batch_size} / {num_replicas} replicas); choose a "
                               f"divisor of {per_replica}")
+        if (bn_batch_size == 1 and self.norm in ("batch", "batch_renorm")
+                and self.norm_dense and models.spec(self.model).norm_dense_layers):
+            # A dense activation has one value per example and channel: its batch variance
+            # over one example is 0, so the layer outputs beta and passes no gradient.
+            raise ConfigError(
+                f"--norm={self.norm} over BN groups of 1 example normalizes each dense "
+                f"unit over a single value (variance 0: the output is constant and training "
+                f"stops silently); use --norm=layer|group|mix, a larger --bn_batch_size, or "
+                f"--nonorm_dense")
         return bn_batch_size
 
     # ------------------------------------------------------------------ records
@@ -327,6 +362,52 @@ class Config:
             raise ConfigError(f"unknown config keys {unknown}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
+
+
+# Normalization options beyond BN's own, passed to the layers under these same names.
+NEW_NORM_OPTIONS = ("gn_groups", "renorm_r_max", "renorm_d_max", "renorm_start_step",
+                    "renorm_r_end_step", "renorm_d_end_step", "mix_norms", "mix_per_channel")
+# -1 renorm steps: Ioffe's (2017) 5k / 40k / 25k steps as fractions of the run.
+RENORM_STEP_FRACTIONS = {"renorm_start_step": 0.05, "renorm_r_end_step": 0.40,
+                         "renorm_d_end_step": 0.25}
+
+
+def _check_norm_options(c, total_steps):
+    """Checks the normalization options against --norm and the model; returns the resolved
+    values of those that have defaults depending on them (gn_groups, the renorm steps)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    read = set(norms.NORM_OPTIONS.get(c.norm, ()))
+    for name in NEW_NORM_OPTIONS:
+        if getattr(c, name) != defaults[name] and name not in read:
+            raise ConfigError(f"--{name} does not apply to --norm={c.norm}; drop it")
+    spec = models.spec(c.model)
+    if c.gn_groups < 0:
+        raise ConfigError(f"--gn_groups={c.gn_groups} must be >= 1 (or 0: the model's)")
+    # Only the options --norm reads get resolved values: the others stay at their defaults,
+    # so resolving a resolved Config changes nothing.
+    resolved = {"gn_groups": c.gn_groups or spec.gn_groups,
+                **{name: getattr(c, name) if getattr(c, name) >= 0
+                   else int(fraction * total_steps)
+                   for name, fraction in RENORM_STEP_FRACTIONS.items()}}
+    try:
+        resolved["mix_norms"] = norms.mix_components(c.mix_norms)
+        options = {name: getattr(c, name) for name in NEW_NORM_OPTIONS}
+        norms.check_options(c.norm, **{**options, **resolved})
+    except ValueError as error:
+        raise ConfigError(f"--{error}") from None
+    channels = [n for n in spec.norm_channels
+                if c.norm_dense or n not in spec.dense_norm_channels]
+    if c.norm == "group" and any(n % resolved["gn_groups"] for n in channels):
+        bad = next(n for n in channels if n % resolved["gn_groups"])
+        raise ConfigError(f"--gn_groups={resolved['gn_groups']} does not divide the {bad} "
+                          f"channels of a normalized layer of {c.model}; choose a divisor of "
+                          f"{math.gcd(*channels)}")
+    dense = c.norm_dense and spec.norm_dense_layers
+    if dense and norms.needs_spatial_inputs(c.norm, resolved["mix_norms"]):
+        raise ConfigError(f"--norm={c.norm} takes statistics over each channel's pixels, "
+                          f"and {c.model}'s dense layers have one value per channel; add "
+                          f"--nonorm_dense or choose another --norm")
+    return {name: value for name, value in resolved.items() if name in read}
 
 
 def fields_where(key):

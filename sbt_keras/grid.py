@@ -10,16 +10,17 @@ import itertools
 import math
 import os
 
-from sbt_keras import results
-from sbt_keras.config import Config
+from sbt_keras import norms, results
+from sbt_keras.config import NEW_NORM_OPTIONS, Config
 from sbt_keras.errors import ConfigError
 
 # Swept Config fields in keras-tuner's order (the last varies fastest), and how a range of
 # each is read. `seed` comes from --seeds=N.
-AXES = ("batch_size", "log2_base_lr", "bn_batch_size", "epochs", "seed")
+AXES = ("norm", "batch_size", "log2_base_lr", "bn_batch_size", "epochs", "seed")
 _POWER_OF_TWO_AXES = ("batch_size", "bn_batch_size")
 # What a --grid_<axis> value looks like, for its help text.
-AXIS_EXAMPLES = {"batch_size": "2,8,32 or 2:2048 (powers of two)",
+AXIS_EXAMPLES = {"norm": f"a comma list of {', '.join(norms.NORM_NAMES)}",
+                 "batch_size": "2,8,32 or 2:2048 (powers of two)",
                  "log2_base_lr": "-8,-7 or -12:0 or -12:0:0.5",
                  "bn_batch_size": "2,4,8 or 2:64 (powers of two)",
                  "epochs": "41,82,164"}
@@ -37,8 +38,8 @@ class Point:
     @property
     def name(self):
         """A directory name that says what the trial is: m8_lr-7_bn4_e82_s0."""
-        short = {"batch_size": "m", "log2_base_lr": "lr", "bn_batch_size": "bn",
-                 "epochs": "e", "seed": "s"}
+        short = {"norm": "norm-", "batch_size": "m", "log2_base_lr": "lr",
+                 "bn_batch_size": "bn", "epochs": "e", "seed": "s"}
         return "_".join(f"{short[k]}{_fmt(v)}" for k, v in self.values)
 
 
@@ -47,6 +48,8 @@ def parse_axis(flag, text):
     text = (text or "").strip()
     if not text:
         return []
+    if flag == "norm":
+        return _parse_names(flag, text, norms.NORM_NAMES)
     kind = float if flag == "log2_base_lr" else int
     if ":" in text:
         values = _parse_range(flag, text, kind)
@@ -64,6 +67,15 @@ def parse_axis(flag, text):
         raise ConfigError(f"--grid_{flag}={text}: {min(values)} is not positive; every "
                           f"{flag} in a grid must be >= 1")
     return values
+
+
+def _parse_names(flag, text, choices):
+    names = [item.strip() for item in text.split(",")]
+    unknown = [n for n in names if n not in choices]
+    if unknown or len(set(names)) != len(names):
+        raise ConfigError(f"--grid_{flag}={text}: give each of {', '.join(choices)} at most "
+                          f"once, comma-separated")
+    return names
 
 
 def _parse_range(flag, text, kind):
@@ -191,6 +203,12 @@ def point_config(base: Config, point: Point, output_dir: str) -> Config:
     values = point.as_dict()
     if "log2_base_lr" in values:
         values["base_lr"] = None
+    if "norm" in values:
+        # A sweep over norms shares one set of settings: the options a point's norm does not
+        # read keep their defaults in its config, so each trial records only what it used.
+        read = norms.NORM_OPTIONS[values["norm"]]
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        values.update({name: defaults[name] for name in NEW_NORM_OPTIONS if name not in read})
     return dataclasses.replace(base, output_dir=output_dir, **values).resolve()
 
 

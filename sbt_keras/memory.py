@@ -50,6 +50,21 @@ def host_available_bytes():
         return None
 
 
+def check_run_fits(cfg, network):
+    """check_fits for a run training on this host's CPUs (its replicas share the host's
+    memory); accelerators report their own out-of-memory errors."""
+    import tensorflow as tf
+
+    from sbt_keras import distribute
+
+    if cfg.strategy == "tpu" or tf.config.list_logical_devices("GPU"):
+        return
+    check_fits(network, batch_size=cfg.batch_size,
+               examples=cfg.batch_size // distribute.num_workers(cfg.strategy),
+               compute_bytes=2 if cfg.precision == "mixed_bfloat16" else 4,
+               available=host_available_bytes())
+
+
 def check_fits(network, *, batch_size, examples, compute_bytes, available):
     """Raises ConfigError when a step over `examples` examples needs more than `available`."""
     if available is None:

@@ -131,8 +131,10 @@ def is_finite(x):
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def summarize(rows, cfg, num_classes, diverged_at_step=None):
-    """result.yaml's content from a run's history rows and its Config."""
+def summarize(rows, cfg, num_classes, diverged_at_step=None, session=None, worker=None):
+    """result.yaml's content from a run's history rows and its Config; `session` is
+    (examples trained, seconds) of this process's share, for the throughput; `worker` the
+    sweep worker that ran it."""
     accuracies = [r["test_accuracy"] for r in rows]
     last = rows[-1] if rows else {}
     diverged = diverged_at_step is not None or not is_finite(last.get("train_loss"))
@@ -154,4 +156,9 @@ def summarize(rows, cfg, num_classes, diverged_at_step=None):
     }
     if diverged:
         result["diverged_at_step"] = diverged_at_step or last.get("step")
+    if session is not None:
+        examples, seconds = session
+        result["examples_per_second"] = examples / seconds if seconds > 0 else 0.0
+    if worker:
+        result["worker"] = worker
     return result

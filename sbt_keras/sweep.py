@@ -38,9 +38,10 @@ SWEEP_FILE = results.SWEEP_FILE  # its presence marks a sweep directory
 RESULTS_STEM = "results"
 TRIALS_DIR = "trials"
 OBJECTIVE = "test_accuracy"
-RESULT_COLUMNS = ("trial", "batch_size", "log2_base_lr", "base_lr", "bn_batch_size", "epochs",
-                  "seed", "status", "test_accuracy", "best_test_accuracy", "final_train_loss",
-                  "epochs_completed", "steps", "wall_seconds", "trial_dir", "reason")
+RESULT_COLUMNS = ("trial", "norm", "batch_size", "log2_base_lr", "base_lr", "bn_batch_size",
+                  "epochs", "seed", "status", "test_accuracy", "best_test_accuracy", "final_train_loss",
+                  "epochs_completed", "steps", "wall_seconds", "alpha_batch_mean", "trial_dir",
+                  "reason")
 
 
 def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
@@ -261,7 +262,7 @@ def write_results(output_dir):
             continue
         cfg = results.read_yaml(config_path)
         result = results.read_yaml(result_path) or {}
-        row = {k: cfg.get(k) for k in ("batch_size", "log2_base_lr", "base_lr",
+        row = {k: cfg.get(k) for k in ("norm", "batch_size", "log2_base_lr", "base_lr",
                                        "bn_batch_size", "epochs", "seed")}
         # The BN batch the trial used (bn_batch_size=0 means the per-replica batch).
         row["bn_batch_size"] = (cfg.get("derived") or {}).get("bn_batch_size",

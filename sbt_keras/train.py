@@ -19,7 +19,7 @@ from absl import logging
 from sbt_keras import memory, results
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
-from sbt_keras.training import resume, snapshot
+from sbt_keras.training import norm_records, resume, snapshot
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
@@ -50,7 +50,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         logging.info("%s already holds this run's result (%s); nothing to do.",
                      cfg.output_dir, finished["status"])
         return finished
-    restore_dir = os.path.join(cfg.output_dir, resume.CHECKPOINT_DIR)
+    run_dir = cfg.output_dir  # where the records live; non-chief workers resume from it
     chief = distribute.is_chief(cfg.strategy)
     if not chief:
         cfg = dataclasses.replace(cfg, output_dir=distribute.scratch_dir(cfg.output_dir))
@@ -78,27 +78,17 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         # -------------------------------------------------------------- Model & optimizer
         with strategy.scope():
             network, model = build_model(cfg, info, bn_batch_size, schedule)
-        if cfg.strategy != "tpu" and not tf.config.list_logical_devices("GPU"):
-            # Training on CPUs: this process's replicas share the host's memory.
-            memory.check_fits(
-                network, batch_size=cfg.batch_size,
-                examples=cfg.batch_size // distribute.num_workers(cfg.strategy),
-                compute_bytes=2 if cfg.precision == "mixed_bfloat16" else 4,
-                available=memory.host_available_bytes())
+        memory.check_run_fits(cfg, network)
 
         # -------------------------------------------------------------- Resume
         metric_variables = [v for m in model.metrics for v in m.variables]
         divergence = callbacks.DivergenceStop(cfg.divergence_factor)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                                         metrics=metric_variables,
-                                         divergence_reference=divergence.reference)
-        manager = tf.train.CheckpointManager(
-            checkpoint, os.path.join(out, resume.CHECKPOINT_DIR), max_to_keep=3)
-        start_step = resume.restore_latest(restore_dir, checkpoint, model)
         history = read_history(out)
-        plan = resume.resume_plan(start_step, steps_per_epoch=steps_per_epoch,
-                                  epochs=cfg.epochs, history_rows=len(history),
-                                  steps_per_execution=cfg.steps_per_execution)
+        checkpoint, manager, plan = resume.open_checkpoints(
+            model, dict(metrics=metric_variables, divergence_reference=divergence.reference),
+            restore_from=run_dir, save_to=out, cfg=cfg, steps_per_epoch=steps_per_epoch,
+            history_rows=len(history))
+        start_step = plan.start_step
         if start_step:
             logging.info("Resuming %s at epoch %d, step %d.", out, plan.initial_epoch,
                          start_step)
@@ -112,7 +102,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             out, batch_size=cfg.batch_size, schedule=schedule,
             history=history[:plan.history_rows],
             hparams=hparams_of(cfg, bn_batch_size) if start_step == 0 else None,
-            histogram_freq=cfg.histogram_freq, network=network)
+            histogram_freq=cfg.histogram_freq, network=network,
+            probes=[functools.partial(norm_records.mixing_weights, network)])
         restore_metrics = callbacks.RestoreMetrics(
             metric_variables, [v.numpy() for v in metric_variables] if plan.mid_epoch else None)
         snapshots = [callbacks.EpochSnapshots(
@@ -136,16 +127,17 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                           callbacks=[restore_metrics, divergence, recorder,
                                      callbacks.EpochLog(cfg.epochs), checkpointer,
                                      *snapshots, *extra_callbacks])
-        session_seconds = time.monotonic() - started
         session_steps = int(model.optimizer.iterations.numpy()) - start_step
 
         # -------------------------------------------------------------- Results
-        result = results.summarize(recorder.rows, cfg, info.num_classes,
-                                   divergence.diverged_at_step)
-        result["examples_per_second"] = (session_steps * cfg.batch_size / session_seconds
-                                         if session_seconds > 0 else 0.0)
-        if os.environ.get("KERASTUNER_TUNER_ID"):  # which sweep worker ran it
-            result["worker"] = os.environ["KERASTUNER_TUNER_ID"]
+        result = results.summarize(
+            recorder.rows, cfg, info.num_classes, divergence.diverged_at_step,
+            session=(session_steps * cfg.batch_size, time.monotonic() - started),
+            worker=os.environ.get("KERASTUNER_TUNER_ID"))  # which sweep worker ran it
+        if norm_records.mix_layers(network):
+            result["mixing_weights"] = norm_records.final_mixing_weights(network)
+            result[norm_records.MEAN_KEY] = norm_records.mixing_weights(network).get(
+                norm_records.MEAN_KEY)
         recorder.write_final("median_test_accuracy", result["test_accuracy"],
                              result["epochs_completed"])
     results.write_yaml(os.path.join(out, results.RESULT_FILE), result)

@@ -19,20 +19,28 @@ class ModelSpec:
     # Channel counts of the layers a normalization follows (convs, and hidden dense layers
     # where `norm_dense`): what a per-channel-group setting such as --gn_groups must divide.
     norm_channels: tuple
+    gn_groups: int  # --norm=group's default: the largest of 32, 16, ... dividing them all
+    # Channel counts of normalized hidden dense layers (with --norm_dense): one value per
+    # channel and example, so no per-example spatial statistics and BN needs 2+ examples.
+    dense_norm_channels: tuple = ()
+
+    @property
+    def norm_dense_layers(self):
+        return bool(self.dense_norm_channels)
 
 
 _CIFAR_RESNET_CHANNELS = (16, 32, 64)
 MODELS = {
     "alexnet_reduced": ModelSpec("sbt_keras.models.alexnet:build", 5e-4, 32,
-                                 (16, 48, 96, 64, 256)),
+                                 (16, 48, 96, 64, 256), 16, dense_norm_channels=(256,)),
     "resnet8": ModelSpec("sbt_keras.models.resnet_cifar:resnet8", 1e-4, 32,
-                         _CIFAR_RESNET_CHANNELS),
+                         _CIFAR_RESNET_CHANNELS, 16),
     "resnet20": ModelSpec("sbt_keras.models.resnet_cifar:resnet20", 1e-4, 32,
-                          _CIFAR_RESNET_CHANNELS),
+                          _CIFAR_RESNET_CHANNELS, 16),
     "resnet32": ModelSpec("sbt_keras.models.resnet_cifar:resnet32", 1e-4, 32,
-                          _CIFAR_RESNET_CHANNELS),
+                          _CIFAR_RESNET_CHANNELS, 16),
     "resnet50": ModelSpec("sbt_keras.models.resnet_imagenet:resnet50", 1e-4, 224,
-                          (64, 128, 256, 512, 1024, 2048)),
+                          (64, 128, 256, 512, 1024, 2048), 32),
 }
 
 DECAY_SCOPES = ("kernels", "all")
@@ -82,12 +90,13 @@ def decayed_variables(model, scope="kernels"):
     """Returns the variables that get L2 weight decay.
 
     "kernels": the kernel of every Conv2D and Dense layer (no biases, no normalization
-    parameters); "all": every trainable variable.
+    parameters); "all": every trainable variable except the mixing logits of --norm=mix,
+    whose decay would pull every layer towards an equal mix.
     """
     import keras
 
     if scope == "all":
-        return list(model.trainable_variables)
+        return [v for v in model.trainable_variables if not v.path.endswith("mix_logits")]
     if scope == "kernels":
         return [
             layer.kernel for layer in _all_layers(model)

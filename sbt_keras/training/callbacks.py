@@ -84,8 +84,11 @@ class EpochRecorder(keras.callbacks.Callback):
     """Appends one row per epoch to history.csv (atomically) and mirrors it to TensorBoard."""
 
     def __init__(self, output_dir, *, batch_size, schedule, history=(), hparams=None,
-                 histogram_freq=0, network=None):
+                 histogram_freq=0, network=None, probes=()):
+        """`probes`: callables returning {name: float} at each epoch end, recorded as extra
+        history columns and TensorBoard scalars under train/ (e.g. mixing weights)."""
         super().__init__()
+        self.probes = tuple(probes)
         self.output_dir = output_dir
         self.batch_size = batch_size
         self.schedule = schedule
@@ -125,13 +128,17 @@ class EpochRecorder(keras.callbacks.Callback):
             "test_accuracy": _float(logs.get("val_accuracy")),
             "wall_seconds": self._wall_before + time.monotonic() - self._start,
         }
+        extra = {k: v for probe in self.probes for k, v in probe().items()}
+        row.update(extra)
         self.rows.append(row)
         self._wall_before, self._start = row["wall_seconds"], time.monotonic()
+        columns = results.HISTORY_COLUMNS + tuple(
+            k for r in self.rows for k in r if k not in results.HISTORY_COLUMNS)
         results.write_csv(os.path.join(self.output_dir, results.HISTORY_FILE), self.rows,
-                          results.HISTORY_COLUMNS)
-        self._write_scalars(epoch + 1, row)
+                          tuple(dict.fromkeys(columns)))
+        self._write_scalars(epoch + 1, row, extra)
 
-    def _write_scalars(self, epoch, row):
+    def _write_scalars(self, epoch, row, extra=None):
         for split in ("train", "test"):
             with self._writers[split].as_default(step=epoch):
                 tf.summary.scalar("loss", row[f"{split}_loss"])
@@ -139,6 +146,8 @@ class EpochRecorder(keras.callbacks.Callback):
         with self._writers["train"].as_default(step=epoch):
             tf.summary.scalar("learning_rate", row["learning_rate"])
             tf.summary.scalar("base_lr", row["base_lr"])
+            for name, value in (extra or {}).items():
+                tf.summary.scalar(name, value)
             if self.histogram_freq and epoch % self.histogram_freq == 0 and self.network:
                 for v in self.network.trainable_variables:
                     tf.summary.histogram(v.path, v.value)

@@ -101,6 +101,24 @@ def restore_latest(directory, checkpoint, model):
     return 0
 
 
+def open_checkpoints(model, extra, *, restore_from, save_to, cfg, steps_per_epoch,
+                     history_rows):
+    """(checkpoint, manager, plan): the checkpoint of `model`, its optimizer and the `extra`
+    trackables ({name: variable or list}), with the newest readable checkpoint of run
+    directory `restore_from` restored, a manager saving into run directory `save_to` (a
+    multi-worker run's non-chief workers restore the chief's and save to scratch), and the
+    plan that follows from the restored step."""
+    import tensorflow as tf
+
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, **extra)
+    manager = tf.train.CheckpointManager(
+        checkpoint, os.path.join(save_to, CHECKPOINT_DIR), max_to_keep=3)
+    start_step = restore_latest(os.path.join(restore_from, CHECKPOINT_DIR), checkpoint, model)
+    plan = resume_plan(start_step, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+                       steps_per_execution=cfg.steps_per_execution, history_rows=history_rows)
+    return checkpoint, manager, plan
+
+
 def stored_config(output_dir):
     """The config.yaml a directory already holds, or {}."""
     path = os.path.join(output_dir, results.CONFIG_FILE)

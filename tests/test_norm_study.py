@@ -1,0 +1,141 @@
+"""The normalization study end to end: its settings, the --grid_norm axis, the mix records."""
+import pathlib
+
+import numpy as np
+import pytest
+
+from sbt_keras import grid as grid_lib
+from sbt_keras import results
+from sbt_keras.config import Config
+from sbt_keras.errors import ConfigError
+from sbt_keras.sweep import run_sweep
+from sbt_keras.training import snapshot
+
+SYNTH = dict(model="resnet8", dataset="synthetic", image_size=8, synthetic_train=32,
+             synthetic_test=16, batch_size=8, base_lr=2.0 ** -6, epochs=2, median_of=1,
+             eval_batch_size=16, deterministic=True)
+
+
+def _config(**overrides):
+    return Config(**{**SYNTH, "output_dir": "unused", **overrides})
+
+
+# (settings, words the one-line message must contain); docs/bad_input.md lists each.
+BAD = [
+    (dict(model="alexnet_reduced", norm="batch", bn_batch_size=1),
+     ["over BN groups of 1 example", "--norm=layer|group|mix", "--nonorm_dense"]),
+    (dict(model="alexnet_reduced", norm="batch_renorm", batch_size=1),
+     ["over BN groups of 1 example"]),
+    (dict(norm="batch", gn_groups=4), ["--gn_groups does not apply to --norm=batch"]),
+    (dict(norm="layer", mix_norms=("batch", "instance")), ["--mix_norms does not apply"]),
+    (dict(norm="mix", mix_norms=("batch", "foo")), ["--mix_norms", "unknown", "foo"]),
+    (dict(norm="mix", mix_norms=("batch",)), ["--mix_norms", "2 or 3"]),
+    (dict(norm="batch_renorm", renorm_r_max=0.5), ["--renorm_r_max=0.5 must be >= 1"]),
+    (dict(norm="batch_renorm", renorm_d_max=-1.0), ["--renorm_d_max=-1.0 must be >= 0"]),
+    (dict(norm="batch_renorm", renorm_start_step=10, renorm_r_end_step=5),
+     ["--renorm_r_end_step=5 must be an integer >= renorm_start_step=10"]),
+    (dict(norm="group", gn_groups=32), ["--gn_groups=32 does not divide the 16 channels",
+                                        "divisor of 16"]),
+    (dict(norm="group", gn_groups=-1), ["--gn_groups=-1 must be >= 1"]),
+    (dict(model="alexnet_reduced", norm="instance"), ["--nonorm_dense"]),
+    (dict(model="alexnet_reduced", norm="mix", mix_norms=("batch", "instance")),
+     ["--nonorm_dense"]),
+    (dict(norm="layer", bn_batch_size=2), ["--bn_batch_size only applies", "--norm=layer"]),
+]
+
+
+@pytest.mark.parametrize("overrides, words", BAD)
+def test_degenerate_and_inapplicable_norm_settings_are_one_line(overrides, words):
+    with pytest.raises(ConfigError) as caught:
+        cfg = _config(**overrides).resolve()
+        cfg.check_replicas(1)
+    message = str(caught.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(model="alexnet_reduced", norm="batch", bn_batch_size=1, norm_dense=False),
+    dict(model="alexnet_reduced", norm="mix", bn_batch_size=1),  # mix is one of the fixes
+    dict(model="alexnet_reduced", norm="instance", norm_dense=False),
+    dict(norm="group", gn_groups=8),
+    dict(norm="mix", mix_norms=("layer", "batch", "instance")),
+])
+def test_the_named_fixes_are_accepted(overrides):
+    _config(**overrides).resolve().check_replicas(1)
+
+
+def test_defaults_that_depend_on_the_model_and_the_run_length():
+    assert _config(norm="group").resolve().gn_groups == 16  # CIFAR ResNets: 16 channels
+    assert _config(norm="group", model="resnet50", dataset="synthetic").resolve(
+    ).gn_groups == 32  # Wu & He's 32 divides every ResNet-50 width
+    renorm = _config(norm="batch_renorm", epochs=40).resolve()  # 4 steps x 40 = 160 steps
+    assert (renorm.renorm_start_step, renorm.renorm_d_end_step,
+            renorm.renorm_r_end_step) == (8, 40, 64)  # 5%, 25%, 40%
+    assert _config(norm="mix", mix_norms=("layer", "batch")).resolve().mix_norms == (
+        "batch", "layer")  # stored in the layers' canonical order
+    # Options a norm does not read stay at their defaults, so config.yaml is unambiguous.
+    assert _config(norm="batch").resolve().renorm_start_step == -1
+
+
+def test_grid_norm_parses_names_and_names_trials(tmp_path):
+    assert grid_lib.parse_axis("norm", "batch,layer,mix") == ["batch", "layer", "mix"]
+    with pytest.raises(ConfigError, match="--grid_norm=batch,foo"):
+        grid_lib.parse_axis("norm", "batch,foo")
+    base = _config(output_dir=str(tmp_path), log2_base_lr=None, base_lr=None)
+    grid = grid_lib.Grid.from_flags(base, {"norm": "layer,batch", "bn_batch_size": "2,8",
+                                           "log2_base_lr": "-6"}, seeds=1)
+    valid, skipped = grid_lib.split_points(base, grid, lambda p: str(tmp_path / p.name))
+    assert [p.name for p, _ in valid] == ["norm-batch_lr-6_bn2", "norm-batch_lr-6_bn8"]
+    # BN batch sizes mean nothing to layer norm: those points are skipped, with the reason.
+    assert [p.name for p, _ in skipped] == ["norm-layer_lr-6_bn2", "norm-layer_lr-6_bn8"]
+    assert "--bn_batch_size only applies" in skipped[0][1]
+
+
+def test_a_norm_point_keeps_only_the_options_its_norm_reads(tmp_path):
+    base = _config(output_dir=str(tmp_path), gn_groups=8, norm="group")
+    grid = grid_lib.Grid.from_flags(base, {"norm": "batch,group"}, seeds=1)
+    configs = dict((p.name, cfg) for p, cfg in grid_lib.split_points(
+        base, grid, lambda p: str(tmp_path / p.name))[0])
+    assert configs["norm-group"].gn_groups == 8
+    assert configs["norm-batch"].gn_groups == 0  # the default: batch norm has no groups
+
+
+@pytest.fixture(scope="module")
+def norm_sweep(tmp_path_factory):
+    base = _config(output_dir=str(tmp_path_factory.mktemp("norms") / "sweep"),
+                   bn_batch_size=4)
+    grid = grid_lib.Grid.from_flags(base, {"norm": "batch,mix"}, seeds=1)
+    return base, run_sweep(base, grid)
+
+
+def test_a_norm_sweep_records_the_norm_and_the_mixing_weight(norm_sweep):
+    base, rows = norm_sweep
+    by_norm = {r["norm"]: r for r in rows}
+    assert set(by_norm) == {"batch", "mix"}
+    assert all(r["status"] == "completed" for r in rows)
+    assert by_norm["batch"].get("alpha_batch_mean") in (None, "")
+    assert 0.0 < by_norm["mix"]["alpha_batch_mean"] < 1.0
+    table = results.read_csv(str(pathlib.Path(base.output_dir) / "results.csv"))
+    assert {r["norm"] for r in table} == {"batch", "mix"}
+
+
+def test_recorded_mixing_weights_are_the_sigmoid_of_the_checkpointed_logits(norm_sweep):
+    base, rows = norm_sweep
+    trial = pathlib.Path(base.output_dir) / [r for r in rows if r["norm"] == "mix"][0][
+        "trial_dir"]
+    snap = snapshot.load(str(trial))
+    history = results.read_csv(str(trial / "history.csv"))
+    result = results.read_yaml(str(trial / "result.yaml"))
+    layers = [layer for layer in snap.network.layers if layer.name.endswith("_norm")]
+    alphas = []
+    for layer in layers:
+        logit = float(np.asarray(layer.mix_logits.numpy(), np.float64))
+        alpha = 1.0 / (1.0 + np.exp(-logit))  # two components: sigmoid, batch first
+        alphas.append(alpha)
+        assert history[-1][f"alpha_batch/{layer.name}"] == pytest.approx(alpha, rel=1e-6)
+        assert history[-1][f"alpha_layer/{layer.name}"] == pytest.approx(1 - alpha, rel=1e-6)
+        assert result["mixing_weights"][layer.name]["batch"] == pytest.approx(alpha, rel=1e-6)
+    assert result["alpha_batch_mean"] == pytest.approx(np.mean(alphas), rel=1e-6)
+    assert len(layers) == 7 and not all(a == 0.5 for a in alphas)  # they trained
