@@ -139,3 +139,19 @@ def test_recorded_mixing_weights_are_the_sigmoid_of_the_checkpointed_logits(norm
         assert result["mixing_weights"][layer.name]["batch"] == pytest.approx(alpha, rel=1e-6)
     assert result["alpha_batch_mean"] == pytest.approx(np.mean(alphas), rel=1e-6)
     assert len(layers) == 7 and not all(a == 0.5 for a in alphas)  # they trained
+
+
+def test_the_three_norm_figures_draw_from_the_sweep(norm_sweep):
+    from tools import figures
+
+    base, _ = norm_sweep
+    rows = figures.load_rows(base.output_dir)
+    out = pathlib.Path(base.output_dir)
+    for kind, draw in (("norms", figures.plot_norms), ("alpha", figures.plot_alpha),
+                       ("norm_lr", figures.plot_norm_lr)):
+        png, svg = draw(rows, str(out / f"fig_{kind}"))
+        assert pathlib.Path(png).stat().st_size > 0 and pathlib.Path(svg).exists()
+    (m, (layers, mean)), = figures.mixing_weights_by_batch(rows).items()
+    mix_row = [r for r in rows if r["norm"] == "mix"][0]
+    assert m == 8 and len(layers) == 7
+    assert mean == pytest.approx(mix_row["alpha_batch_mean"], rel=1e-9)

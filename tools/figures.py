@@ -5,6 +5,9 @@
     python -m tools.figures --kind=best   --results=runs/fig02,runs/fig08 # Fig. 15
     python -m tools.figures --kind=range  --results=runs/fig02,runs/fig08 # Fig. 16
     python -m tools.figures --kind=curves --runs=runs/fig04/trials/m8_lr-8,...   # Fig. 4
+    python -m tools.figures --kind=norms   --results=runs/norms   # best accuracy vs m per norm
+    python -m tools.figures --kind=alpha   --results=runs/norms   # learned mix weight vs m
+    python -m tools.figures --kind=norm_lr --results=runs/norms --m=8  # accuracy vs lr per norm
 
 Writes <out>.png and <out>.svg (default out: <first results dir>/fig_<kind>). Diverged trials
 are drawn at their recorded chance-level accuracy with an 'x' marker, never dropped. --kind=lr
@@ -23,13 +26,18 @@ from absl import app, flags  # noqa: E402
 
 from sbt_keras import results  # noqa: E402
 
-KINDS = ("lr", "bn", "best", "range", "curves")
+KINDS = ("lr", "bn", "best", "range", "curves", "norms", "alpha", "norm_lr")
 
 
 def load_rows(results_dir):
-    """Completed and diverged rows of a sweep's results.csv (skipped ones are not points)."""
+    """Completed and diverged rows of a sweep's results.csv (skipped ones are not points);
+    each row's `trial_dir` is made a path from here."""
     rows = results.read_csv(os.path.join(results_dir, "results.csv"))
-    return [r for r in rows if r.get("status") in ("completed", "diverged")]
+    rows = [r for r in rows if r.get("status") in ("completed", "diverged")]
+    for r in rows:
+        if r.get("trial_dir"):
+            r["trial_dir"] = os.path.join(results_dir, r["trial_dir"])
+    return rows
 
 
 def _finish(fig, out):
@@ -198,6 +206,78 @@ def plot_range(experiments, out, tolerance, title=""):
     return _finish(fig, out)
 
 
+def plot_norms(rows, out, title=""):
+    """Best test accuracy over eta_tilde vs m, one line per normalization: the article's
+    central claim (per-example norms hold up at small m, BN falls off)."""
+    return plot_best(_by(rows, "norm"), out, title or "Best test accuracy vs batch size, "
+                     "per normalization")
+
+
+def best_trials(rows):
+    """{m: the row of the best trial at m (highest test accuracy over eta_tilde)}."""
+    return {m: max(group, key=lambda r: r["test_accuracy"])
+            for m, group in _by(rows, "batch_size").items()}
+
+
+def mixing_weights_by_batch(rows):
+    """{m: (per-layer alpha_batch of the best mix trial at m, their mean)} from the trials'
+    result.yaml (`mixing_weights`), for the mix trials that mix in batch statistics."""
+    mix = [r for r in rows if r.get("norm") == "mix" and r["status"] == "completed"]
+    out = {}
+    for m, row in best_trials(mix).items():
+        record = results.read_yaml(os.path.join(row["trial_dir"], results.RESULT_FILE))
+        layers = [w["batch"] for w in (record.get("mixing_weights") or {}).values()
+                  if "batch" in w]
+        if layers:
+            out[m] = (layers, sum(layers) / len(layers))
+    return out
+
+
+def plot_alpha(rows, out, title=""):
+    """The learned weight of the batch statistics at the end of training vs m: one dot per
+    mix layer of the best trial at each m, and their mean (the article predicts -> 1 at
+    large m, -> 0 at small m)."""
+    weights = mixing_weights_by_batch(rows)
+    if not weights:
+        raise app.UsageError("no completed --norm=mix trial with a batch component in "
+                             "--results; sweep --grid_norm with mix")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m, (layers, _) in weights.items():
+        ax.plot([math.log2(m)] * len(layers), layers, ".", color="0.55", ms=5)
+    ax.plot([], [], ".", color="0.55", label="one layer")
+    ax.plot([math.log2(m) for m in weights], [mean for _, mean in weights.values()],
+            "o-", color="C3", label="mean over layers")
+    ax.axhline(0.5, color="0.7", lw=0.8, ls=":", label="initial (equal mix)")
+    _pow2_ticks(ax, [math.log2(m) for m in weights])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("batch size m (best " + r"$	ilde\eta$" + " at each m)")
+    ax.set_ylabel(r"$\alpha$ (weight of the batch statistics)")
+    ax.set_title(title or "Learned BN / per-example mix at the end of training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, out)
+
+
+def plot_norm_lr(rows, out, m=0, title=""):
+    """Test accuracy vs log2(eta_tilde) at one batch size m, one line per normalization:
+    how wide a range of learning rates each normalization trains well with."""
+    sizes = sorted({r["batch_size"] for r in rows})
+    m = m or sizes[0]
+    chosen = [r for r in rows if r["batch_size"] == m]
+    if not chosen:
+        raise app.UsageError(f"--m={m} is not among the swept batch sizes {sizes}")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for norm, group in _by(chosen, "norm").items():
+        _plot_series(ax, [r["log2_base_lr"] for r in group], group, norm)
+    _pow2_ticks(ax, [r["log2_base_lr"] for r in chosen])
+    ax.set_xlabel(r"base learning rate $\tilde\eta = \eta / m$")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or f"Test accuracy vs base learning rate at m = {m}, per normalization")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, out)
+
+
 def plot_curves(runs, out, title=""):
     """Test accuracy and train loss per epoch for chosen runs (paper Fig. 4)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -235,6 +315,8 @@ def define_flags(fv=FLAGS):
                       flag_values=fv)
     flags.DEFINE_float("tolerance", 0.01, "--kind=range: accuracy tolerance below the best "
                        "(a fraction: 0.01 = 1 percentage point).", flag_values=fv)
+    flags.DEFINE_integer("m", 0, "--kind=norm_lr: the batch size to draw (0: the smallest "
+                         "swept).", flag_values=fv)
     flags.DEFINE_string("title", "", "Figure title.", flag_values=fv)
     flags.DEFINE_string("out", "", "Output path without extension.", flag_values=fv)
 
@@ -266,6 +348,12 @@ def main(argv):
             paths = plot_bn(merged, out, FLAGS.title)
         elif FLAGS.kind == "best":
             paths = plot_best(experiments, out, FLAGS.title)
+        elif FLAGS.kind == "norms":
+            paths = plot_norms(merged, out, FLAGS.title)
+        elif FLAGS.kind == "alpha":
+            paths = plot_alpha(merged, out, FLAGS.title)
+        elif FLAGS.kind == "norm_lr":
+            paths = plot_norm_lr(merged, out, FLAGS.m, FLAGS.title)
         else:
             paths = plot_range(experiments, out, FLAGS.tolerance, FLAGS.title)
     print("\n".join(paths))
