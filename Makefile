@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CIFAR10_DIR ?= $(abspath ../shared/data/cifar10-subset)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-all demo figure bench clean
+.PHONY: install test test-all demo demo-norms norm-study figure bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,25 @@ demo: $(STAMP)
 	$(PY) -m tools.figures --kind=lr --results=runs/demo \
 	    --title="Demo: ResNet-8 without BN, CIFAR-10 subset, 4 epochs"
 	$(PY) -m tools.table --results=runs/demo
+
+# The normalization study (experiments/demo_norms.flags on the real subset, or the full
+# ResNet-32 study experiments/figures/norms.flags): sweep, three figures, table.
+NORM_FIGURES = norms alpha norm_lr
+define norm_figures
+	$(foreach kind,$(NORM_FIGURES),$(PY) -m tools.figures --kind=$(kind) --results=$(1)$(newline))
+	$(PY) -m tools.table --results=$(1) --best_by=norm
+	$(PY) -m tools.table --results=$(1)
+endef
+
+demo-norms: $(STAMP)
+	$(PY) -m sbt_keras.run --flagfile=experiments/demo_norms.flags --cifar_dir=$(CIFAR10_DIR) \
+	    --output_dir=runs/demo_norms
+	$(call norm_figures,runs/demo_norms)
+
+norm-study: $(STAMP)
+	$(PY) -m sbt_keras.run --flagfile=experiments/figures/norms.flags $(DATA_FLAGS) \
+	    --output_dir=runs/norms
+	$(call norm_figures,runs/norms)
 
 # Reproduce a paper figure end to end: make figure FIG=8 [DATA_FLAGS=--cifar_dir=DIR]
 # (the paper's full grid: days of accelerator time for the 143-trial figures). A figure may be

@@ -32,7 +32,7 @@ import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from sbt_keras import memory, models, results  # noqa: E402
+from sbt_keras import memory, models, norms, results  # noqa: E402
 from sbt_keras.data import Arrays, pipeline  # noqa: E402
 from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer  # noqa: E402
 
@@ -41,7 +41,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     flags.DEFINE_list("models", ["resnet20"], "Models to time.")
-    flags.DEFINE_list("norms", ["batch"], "Norms to time (none, batch).")
+    flags.DEFINE_list("norms", ["batch"], f"Norms to time ({', '.join(norms.NORM_NAMES)}); "
+                      f"PyTorch has a twin of none and batch only.")
     flags.DEFINE_list("batch_sizes", ["2", "8", "32", "128", "512"], "Batch sizes m.")
     flags.DEFINE_integer("bn_batch_size", 0, "Sub-batch BN group size (0 = whole batch).")
     flags.DEFINE_integer("steps", 20, "Steps per timed block.")
@@ -105,8 +106,10 @@ def interleaved(blocks, repeats):
 
 def _network(name, norm, m, bn_batch_size, shape):
     keras.utils.set_random_seed(0)
-    return models.build(name, input_shape=shape, num_classes=10, norm=norm,
-                        bn_batch_size=(bn_batch_size or m) if norm == "batch" else None)
+    options = {"gn_groups": models.spec(name).gn_groups}
+    if norms.uses_batch_statistics(norm):
+        options["bn_batch_size"] = bn_batch_size or m
+    return models.build(name, input_shape=shape, num_classes=10, norm=norm, **options)
 
 
 def sbt_block(name, norm, m, shape, bn_batch_size, steps, spe, jit, unrolled=1,
@@ -133,7 +136,7 @@ def stock_fit_block(name, norm, m, shape, steps):
 
 def torch_block(name, norm, m, shape, steps):
     """None when torch is not installed or the model has no PyTorch twin."""
-    if not name.startswith("resnet") or name == "resnet50":
+    if not name.startswith("resnet") or name == "resnet50" or norm not in ("none", "batch"):
         return None
     try:
         import torch
@@ -294,6 +297,10 @@ def markdown(rows, device):
 
 def main(argv):
     del argv
+    unknown = sorted(set(FLAGS.norms) - set(norms.NORM_NAMES))
+    if unknown:
+        raise app.UsageError(f"--norms: unknown {', '.join(unknown)}; choose from "
+                             f"{', '.join(norms.NORM_NAMES)}")
     rows, device = run(FLAGS.models, FLAGS.norms, [int(m) for m in FLAGS.batch_sizes],
                        bn_batch_size=FLAGS.bn_batch_size, steps=FLAGS.steps,
                        repeats=FLAGS.repeats, spe=FLAGS.steps_per_execution,

@@ -19,8 +19,10 @@ from sbt_keras import results
 
 FLAGS = flags.FLAGS
 COLUMN_AXES = ("log2_base_lr", "bn_batch_size")  # the first one swept goes across
-SPLIT_AXES = ("log2_base_lr", "bn_batch_size", "epochs")  # the rest: one table per value
-HEADINGS = {"log2_base_lr": "log2 η̃", "bn_batch_size": "BN batch", "epochs": "epochs"}
+# The rest: one table per value.
+SPLIT_AXES = ("norm", "log2_base_lr", "bn_batch_size", "epochs")
+HEADINGS = {"norm": "norm", "log2_base_lr": "log2 η̃", "bn_batch_size": "BN batch",
+            "epochs": "epochs"}
 
 
 def markdown(rows):
@@ -43,6 +45,33 @@ def markdown(rows):
         notes.append(f"Skipped {len(skipped)} invalid point(s): "
                      + "; ".join(f"{r['trial']} ({r.get('reason', '')})" for r in skipped))
     return "\n\n".join(blocks + notes)
+
+
+def best_markdown(rows, across):
+    """m down, each value of `across` (e.g. the norm) across; a cell is the best test
+    accuracy over eta_tilde (median over seeds) and the log2 eta_tilde it came at."""
+    done = [r for r in rows if r.get("status") in ("completed", "diverged")]
+    cells = dict(_groups(done, lambda r: (r["batch_size"], r.get(across))))
+    batch_sizes = sorted({m for m, _ in cells}, key=_order)
+    values = sorted({v for _, v in cells}, key=_order)
+    lines = [f"| m \\ {HEADINGS.get(across, across)} |" + "".join(f" {_fmt(v)} |"
+                                                               for v in values),
+             "|" + "---|" * (len(values) + 1)]
+    for m in batch_sizes:
+        lines.append(f"| {m} |" + "".join(f" {_best_cell(cells.get((m, v), []))} |"
+                                          for v in values))
+    return "\n".join(lines)
+
+
+def _best_cell(group):
+    by_rate = dict(_groups(group, lambda r: (r["log2_base_lr"],)))
+    finished = {rate: g for rate, g in by_rate.items()
+                if not all(r["status"] == "diverged" for r in g)}
+    if not finished:
+        return _cell(group)
+    (rate,), best = max(finished.items(), key=lambda item: statistics.median(
+        r["test_accuracy"] for r in item[1]))
+    return f"{_cell(best)} @ {_fmt(rate)}"
 
 
 def swept(rows, field):
@@ -105,10 +134,13 @@ def main(argv):
     del argv
     if not FLAGS.results:
         raise app.UsageError("give --results=SWEEP_DIR[,SWEEP_DIR...]")
-    print(markdown([r for d in FLAGS.results for r in results.read_csv(f"{d}/results.csv")]))
+    rows = [r for d in FLAGS.results for r in results.read_csv(f"{d}/results.csv")]
+    print(best_markdown(rows, FLAGS.best_by) if FLAGS.best_by else markdown(rows))
 
 
 if __name__ == "__main__":
     flags.DEFINE_list("results", [], "Sweep output directories (holding results.csv); the "
                       "rows of several are merged into one table.")
+    flags.DEFINE_string("best_by", "", "Instead: m down, this swept setting (e.g. norm) "
+                        "across, each cell the best accuracy over eta_tilde @ its log2 eta_tilde.")
     app.run(main)
