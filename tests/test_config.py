@@ -9,7 +9,7 @@ from absl import flags
 
 from sbt_keras import config as config_lib
 from sbt_keras import flags as run_flags
-from sbt_keras import layers, models
+from sbt_keras import models
 from sbt_keras.config import Config
 from sbt_keras.errors import ConfigError
 
@@ -47,6 +47,8 @@ BAD = [
     # (argv, words the one-line message must contain)
     (["--batch_size=12", "--bn_batch_size=8", "--base_lr=0.1"], ["--bn_batch_size=8"]),
     (["--base_lr=0"], ["--base_lr"]),
+    (["--base_lr=0.1", "--keep_checkpoint_every_epochs=-1"],
+     ["--keep_checkpoint_every_epochs=-1 must be >= 0"]),
     (["--base_lr=-0.5"], ["--base_lr"]),
     (["--base_lr=0.1", "--log2_base_lr=-3"], ["--base_lr", "--log2_base_lr"]),
     ([], ["--base_lr", "--log2_base_lr"]),
@@ -245,3 +247,44 @@ def test_flagfile_errors(tmp_path):
         parse([f"--flagfile={bad}"])
     with pytest.raises(flags.Error):
         parse([f"--flagfile={tmp_path / 'missing.flags'}"])
+
+
+def test_every_flag_comes_from_one_config_declaration():
+    import dataclasses
+    fv = flags.FlagValues()
+    run_flags.define_flags(fv)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    assert set(fv) == set(fields)  # one flag per setting, nothing else
+    for name, field in fields.items():
+        default = fv[name].default
+        expected = list(map(str, field.default)) if isinstance(field.default, tuple) \
+            else field.default
+        assert default == expected, name
+        assert fv[name].help.endswith(field.metadata["help"])  # enums prefix their choices
+        in_group = fv.get_flags_for_module(
+            run_flags.HELP_MODULE.format(field.metadata["group"]))
+        assert name in {f.name for f in in_group}
+
+
+def test_execution_and_hparam_sets_follow_the_declarations():
+    # The settings a run directory may be resumed with other values of: how it executes,
+    # never what it computes.
+    assert config_lib.EXECUTION_FIELDS == {
+        "output_dir", "steps_per_execution", "unrolled_steps", "jit_compile",
+        "eval_batch_size", "histogram_freq", "download", "data_dir", "manual_dir",
+        "cifar_dir", "strategy", "tpu", "deterministic", "checkpoint_every_steps",
+        "keep_checkpoint_every_epochs"}
+    cfg = parse(SYNTH + ["--batch_size=8", "--log2_base_lr=-7"]).resolve()
+    shown = config_lib.hparams_of(cfg, bn_batch_size=4)
+    assert set(shown) == config_lib.HPARAM_FIELDS | {"bn_batch_size"}
+    assert shown["bn_batch_size"] == 4 and shown["log2_base_lr"] == -7
+    assert {"model", "norm", "batch_size", "base_lr", "seed"} <= set(shown)
+
+
+def test_helpfull_lists_the_flags_by_group():
+    proc = subprocess.run([sys.executable, "-m", "sbt_keras.run", "--helpfull"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    text = proc.stdout
+    for group in config_lib.GROUPS + ("sweep",):
+        assert run_flags.HELP_MODULE.format(group) + ":" in text, group
+    assert "--gn_groups" in text and "--grid_norm" in text
