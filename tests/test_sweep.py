@@ -405,7 +405,7 @@ def _expand_figure(stem, tmp_path, *extra_flags):
 
 
 def test_every_figure_flagfile_is_checked():
-    checked = (M_BY_LR_FIGURES + ["fig04", "fig12"]
+    checked = (M_BY_LR_FIGURES + ["fig04", "fig12", "norms"]
                + [stem for stem, _, _ in FIXED_RATE_FIGURES]
                + [stem for stem, _ in BEST_LR_FIGURES])
     assert sorted(checked) == sorted(p.stem for p in FIGURES.glob("*.flags"))
@@ -444,3 +444,14 @@ def test_fig04_flagfile_expands(tmp_path):
 def test_best_lr_figure_flagfiles_expand(stem, data, tmp_path, earlier_sweep):
     _, _, valid, _ = _expand_figure(stem, tmp_path, *data, earlier_sweep)
     assert valid
+
+
+def test_the_normalization_study_flagfile_expands_to_every_norm_m_and_rate(tmp_path):
+    base, axes, valid, skipped = _expand_figure("norms", tmp_path)
+    assert axes["norm"] == ("batch", "group", "layer", "instance", "mix")
+    assert axes["batch_size"] == tuple(2 ** k for k in range(1, 11))
+    assert axes["log2_base_lr"] == tuple(float(k) for k in range(-12, 1))
+    assert len(valid) == 5 * 10 * 13 and not skipped
+    assert (base.model, base.augment, base.epochs) == ("resnet32", True, 82)
+    group = [cfg for p, cfg in valid if p.as_dict()["norm"] == "group"][0]
+    assert group.gn_groups == 16  # 32 groups cannot split ResNet-32's 16-channel layers
