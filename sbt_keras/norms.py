@@ -6,8 +6,6 @@ and reuses `check_options` so both report the same messages. docs/normalization.
 the formulas.
 """
 
-# Every name `--norm` accepts, in the order help texts list them.
-NORM_NAMES = ("none", "batch", "batch_renorm", "group", "instance", "layer", "mix")
 
 # Components a "mix" layer can combine, in canonical order: a mix layer stores its
 # components in this order whatever order they were given in, so weight k always means the
@@ -57,6 +55,10 @@ NORM_OPTIONS = {
     "mix": ("bn_batch_size", "momentum", "epsilon", "moving_variance", "mix_norms",
             "mix_per_channel"),
 }
+
+# Every name `--norm` accepts, in the order help texts list them: the one list of norms
+# (sbt_keras.layers builds its registry from it).
+NORM_NAMES = tuple(NORM_OPTIONS)
 
 MOVING_VARIANCE_CHOICES = ("unbiased", "biased")
 

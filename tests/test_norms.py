@@ -172,9 +172,7 @@ def test_norms_table_imports_without_tensorflow():
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_norms_table_matches_registry():
-    assert tuple(NORMS) == norms.NORM_NAMES
-    assert set(norms.NORM_OPTIONS) == set(NORMS)
+def test_norms_table_facts():
     for name, keys in norms.NORM_OPTIONS.items():
         assert set(keys) <= set(norms.OPTION_NAMES), name
     assert norms.BATCH_STAT_NORMS == {"batch", "batch_renorm", "mix"}

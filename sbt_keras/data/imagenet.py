@@ -40,7 +40,7 @@ from absl import logging
 from sbt_keras import distribute
 from sbt_keras.data import augment as augment_lib
 from sbt_keras.data import pipeline
-from sbt_keras.errors import ConfigError
+from sbt_keras.errors import ConfigError, first_line
 
 NAME = "imagenet2012"
 NUM_TRAIN = 1281167
@@ -161,9 +161,8 @@ def _open_builder(data_dir):
     try:
         return tfds.builder(NAME, data_dir=data_dir)
     except (AssertionError, OSError, tf.errors.OpError) as e:  # e.g. a damaged dataset_info
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"--data_dir={data_dir}: tfds could not open {NAME} there "
-                          f"({first[:200]}); see docs/imagenet.md") from e
+                          f"({first_line(e)}); see docs/imagenet.md") from e
 
 
 def check_available(data_dir, manual_dir=None):

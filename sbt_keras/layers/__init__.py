@@ -79,7 +79,7 @@ def _mix_norm(*, channels=None, layer_name=None, **options):
     )
 
 
-NORMS = {
+_FACTORIES = {
     "none": _no_norm,
     "batch": _batch_norm,
     "batch_renorm": _batch_renorm,
@@ -88,7 +88,8 @@ NORMS = {
     "layer": _layer_norm,
     "mix": _mix_norm,
 }
-assert tuple(NORMS) == _norms.NORM_NAMES
+# In sbt_keras.norms's order; a name there without a factory here fails at import.
+NORMS = {name: _FACTORIES[name] for name in _norms.NORM_NAMES}
 
 
 def norm_layer(name, *, channels=None, layer_name=None, **options):
