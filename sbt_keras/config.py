@@ -57,7 +57,8 @@ class Config:
                                  "batch; 0 = the whole per-replica batch (ordinary BN).",
                                  group="normalization", hparam=True)
     bn_momentum: float = setting(0.99, "BN moving-average momentum.", group="normalization")
-    bn_epsilon: float = setting(1e-3, "BN variance epsilon.", group="normalization")
+    bn_epsilon: float = setting(1e-3, "Epsilon added to every normalization's variance.",
+                                group="normalization")
     bn_sync: bool = setting(False, "Synchronized BN: statistics over the whole global batch, "
                             "across replicas (the paper's per-worker BN is the default).",
                             group="normalization", hparam=True)
@@ -130,7 +131,8 @@ class Config:
         "(5e-4 for alexnet_reduced, 1e-4 for the ResNets).", group="optimization",
         hparam=True)
     weight_decay_on: str = setting("kernels", "Decay conv/dense kernels only, or all "
-                                   "trainable variables.", group="optimization",
+                                   "trainable variables but --norm=mix's mixing logits.",
+                                   group="optimization",
                                    choices=models.DECAY_SCOPES)
     epochs: int = setting(82, "Training epochs.", group="schedule", hparam=True)
     lr_decay_fractions: Tuple[float, ...] = setting(

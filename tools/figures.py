@@ -250,7 +250,7 @@ def plot_alpha(rows, out, title=""):
     ax.axhline(0.5, color="0.7", lw=0.8, ls=":", label="initial (equal mix)")
     _pow2_ticks(ax, [math.log2(m) for m in weights])
     ax.set_ylim(0, 1)
-    ax.set_xlabel("batch size m (best " + r"$	ilde\eta$" + " at each m)")
+    ax.set_xlabel("batch size m (best " + r"$\tilde\eta$" + " at each m)")
     ax.set_ylabel(r"$\alpha$ (weight of the batch statistics)")
     ax.set_title(title or "Learned BN / per-example mix at the end of training")
     ax.grid(alpha=0.3)

@@ -15,9 +15,9 @@ mean_B(mu_B) and var <- m var + (1 - m) mean_B(var_B) * c, c = count / (count - 
 Inference: gamma * (x - mu) / sigma + beta.
 
 r_max and d_max follow Ioffe's schedule, a function of the number of earlier training
-calls `t` (the layer's own int64 `renorm_step` variable; see `renorm_limits` in
-sbt_keras/norms.py): r_max = 1 and d_max = 0 while t <= start_step (plain BN), then linear
-to `r_max` at `r_end_step` and to `d_max` at `d_end_step`.
+calls `t` (the layer's own int64 `renorm_step` variable; see `renorm_limits` below):
+r_max = 1 and d_max = 0 while t <= start_step (plain BN), then linear to `r_max` at
+`r_end_step` and to `d_max` at `d_end_step`.
 
 Why not keras.layers.BatchNormalization(renorm=True)? Keras 3.15 has it, and its
 correction is the same algebra, which this layer reuses: r and d enter through
