@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import re
+from fractions import Fraction
 from typing import Optional, Tuple
 
 from sbt_keras import data, distribute, models, norms
@@ -29,14 +30,20 @@ GROUPS = ("model", "normalization", "data", "optimization", "schedule", "records
           "execution")
 
 
-def setting(default, help, *, group, choices=None, execution=False, hparam=False):
+_NO_LEGACY = object()
+
+
+def setting(default, help, *, group, choices=None, execution=False, hparam=False,
+            legacy=_NO_LEGACY):
     """A Config field together with everything its flag needs: the one declaration of a
     setting. `execution`: changes how a run executes, not what it computes (a run directory
-    may be resumed with another value). `hparam`: shown in TensorBoard's HParams dashboard."""
+    may be resumed with another value). `hparam`: shown in TensorBoard's HParams dashboard.
+    `legacy`: for a setting added later, what a record written before it existed meant
+    (so an older run directory is compared with the value it really used)."""
     assert group in GROUPS, group
     return dataclasses.field(default=default, metadata=dict(
         help=help, group=group, choices=tuple(choices) if choices else None,
-        execution=execution, hparam=hparam))
+        execution=execution, hparam=hparam, legacy=legacy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,30 +73,33 @@ class Config:
         "unbiased", "Population variance used at inference: 'unbiased' averages each BN "
         "group's variance times n/(n-1), n = examples x pixels per group (Ioffe & Szegedy "
         "2015); 'biased' averages the groups' biased variances.", group="normalization",
-        choices=norms.MOVING_VARIANCE_CHOICES)
+        choices=norms.MOVING_VARIANCE_CHOICES, legacy="biased")
     gn_groups: int = setting(
         0, "Channel groups of --norm=group; must divide every normalized layer's channels. "
         "0: the model's default (Wu & He's 32 for resnet50; 16 for the CIFAR models, whose "
-        "first stage has 16 channels).", group="normalization")
+        "first stage has 16 channels).", group="normalization", legacy=0)
     renorm_r_max: float = setting(3.0, "--norm=batch_renorm: final clip r_max of "
-                                  "sigma_B/sigma (Ioffe 2017: 3).", group="normalization")
+                                  "sigma_B/sigma (Ioffe 2017: 3).", group="normalization",
+                                  legacy=3.0)
     renorm_d_max: float = setting(5.0, "--norm=batch_renorm: final clip d_max of "
-                                  "(mu_B - mu)/sigma (Ioffe 2017: 5).", group="normalization")
+                                  "(mu_B - mu)/sigma (Ioffe 2017: 5).", group="normalization",
+                                  legacy=5.0)
     renorm_start_step: int = setting(
         -1, "--norm=batch_renorm: r_max = 1 and d_max = 0 up to this step, then linear "
-        "ramps (-1: 5% of all iterations).", group="normalization")
+        "ramps (-1: 5% of all iterations).", group="normalization", legacy=-1)
     renorm_r_end_step: int = setting(
         -1, "--norm=batch_renorm: step at which r_max reaches --renorm_r_max (-1: 40% of "
-        "all iterations).", group="normalization")
+        "all iterations).", group="normalization", legacy=-1)
     renorm_d_end_step: int = setting(
         -1, "--norm=batch_renorm: step at which d_max reaches --renorm_d_max (-1: 25% of "
-        "all iterations).", group="normalization")
+        "all iterations).", group="normalization", legacy=-1)
     mix_norms: Tuple[str, ...] = setting(
         ("batch", "layer"), "--norm=mix: the statistics it mixes, 2 or 3 of batch, instance, "
         "layer (all three with softmax weights: Switchable Normalization).",
-        group="normalization")
+        group="normalization", legacy=("batch", "layer"))
     mix_per_channel: bool = setting(False, "--norm=mix: learn one mixing weight per channel "
-                                    "instead of one per layer.", group="normalization")
+                                    "instead of one per layer.", group="normalization",
+                                    legacy=False)
     # Data.
     dataset: str = setting("cifar10", "Dataset.", group="data", choices=data.DATASETS,
                            hparam=True)
@@ -160,7 +170,8 @@ class Config:
     keep_checkpoint_every_epochs: int = setting(
         0, "Also keep the initial weights and every K-th epoch end as checkpoints of their "
         "own (checkpoints/epochs/), for warm starts, interpolation and the instruments "
-        "(0 = only the newest 3 rolling checkpoints).", group="records", execution=True)
+        "(0 = only the newest 3 rolling checkpoints).", group="records", execution=True,
+        legacy=0)
     eval_batch_size: int = setting(512, "Test-set batch size, a power of two so that any "
                                    "replica count divides it; the last batch is padded "
                                    "(padding not counted).", group="records", execution=True)
@@ -328,24 +339,35 @@ class Config:
                               f"the {num_replicas} replicas of --strategy={self.strategy}; "
                               f"use a multiple of {num_replicas}")
         per_replica = self.batch_size // num_replicas
-        if self.bn_sync:
-            return self.batch_size
-        bn_batch_size = self.bn_batch_size or per_replica
-        if per_replica % bn_batch_size:
+        bn_batch_size = self.batch_size if self.bn_sync else (self.bn_batch_size
+                                                              or per_replica)
+        if per_replica % bn_batch_size and not self.bn_sync:
             raise ConfigError(f"--bn_batch_size={self.bn_batch_size} does not divide the "
                               f"per-replica batch {per_replica} (= --batch_size "
                               f"{self.batch_size} / {num_replicas} replicas); choose a "
                               f"divisor of {per_replica}")
-        if (bn_batch_size == 1 and self.norm in ("batch", "batch_renorm")
-                and self.norm_dense and models.spec(self.model).norm_dense_layers):
-            # A dense activation has one value per example and channel: its batch variance
-            # over one example is 0, so the layer outputs beta and passes no gradient.
-            raise ConfigError(
-                f"--norm={self.norm} over BN groups of 1 example normalizes each dense "
-                f"unit over a single value (variance 0: the output is constant and training "
-                f"stops silently); use --norm=layer|group|mix, a larger --bn_batch_size, or "
-                f"--nonorm_dense")
+        self._check_bn_over_one_value(bn_batch_size)
         return bn_batch_size
+
+    def _check_bn_over_one_value(self, bn_batch_size):
+        """Refuses batch statistics over a single value: a dense unit over one example, or
+        a conv channel over one example whose deepest normalized layer is 1x1 pixels. Its
+        variance is 0, so the layer outputs beta, passes no gradient, and training stops
+        without an error."""
+        if bn_batch_size != 1 or self.norm not in ("batch", "batch_renorm"):
+            return
+        spec = models.spec(self.model)
+        where = None
+        if self.norm_dense and spec.norm_dense_layers:
+            where = "each dense unit"
+        elif spec.smallest_norm_side(self.data_info().image_shape[0]) == 1:
+            where = f"the 1x1-pixel channels of {self.model}'s deepest layers"
+        if where:
+            raise ConfigError(
+                f"--norm={self.norm} over BN groups of 1 example normalizes {where} over a "
+                f"single value (variance 0: the output is constant and training stops "
+                f"silently); use --norm=layer|group|mix, a larger --bn_batch_size, or "
+                f"--nonorm_dense")
 
     # ------------------------------------------------------------------ records
     def to_dict(self) -> dict:
@@ -369,6 +391,9 @@ class Config:
 # Normalization options beyond BN's own, passed to the layers under these same names.
 NEW_NORM_OPTIONS = ("gn_groups", "renorm_r_max", "renorm_d_max", "renorm_start_step",
                     "renorm_r_end_step", "renorm_d_end_step", "mix_norms", "mix_per_channel")
+# Config names of BN's settings -> the normalization layers' option names.
+BN_OPTION_NAMES = {"bn_momentum": "momentum", "bn_epsilon": "epsilon",
+                   "bn_moving_variance": "moving_variance"}
 # -1 renorm steps: Ioffe's (2017) 5k / 40k / 25k steps as fractions of the run.
 RENORM_STEP_FRACTIONS = {"renorm_start_step": 0.05, "renorm_r_end_step": 0.40,
                          "renorm_d_end_step": 0.25}
@@ -379,17 +404,23 @@ def _check_norm_options(c, total_steps):
     values of those that have defaults depending on them (gn_groups, the renorm steps)."""
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     read = set(norms.NORM_OPTIONS.get(c.norm, ()))
-    for name in NEW_NORM_OPTIONS:
-        if getattr(c, name) != defaults[name] and name not in read:
+    if c.norm == "mix" and "batch" not in c.mix_norms:
+        read -= {"momentum", "moving_variance"}  # no batch component: no moving statistics
+    for name in NEW_NORM_OPTIONS + tuple(BN_OPTION_NAMES):
+        if getattr(c, name) != defaults[name] and BN_OPTION_NAMES.get(name, name) not in read:
             raise ConfigError(f"--{name} does not apply to --norm={c.norm}; drop it")
     spec = models.spec(c.model)
     if c.gn_groups < 0:
         raise ConfigError(f"--gn_groups={c.gn_groups} must be >= 1 (or 0: the model's)")
     # Only the options --norm reads get resolved values: the others stay at their defaults,
     # so resolving a resolved Config changes nothing.
+    for name in RENORM_STEP_FRACTIONS:
+        if getattr(c, name) < -1:
+            raise ConfigError(f"--{name}={getattr(c, name)} must be a step >= 0, or -1 for "
+                              f"the default fraction of the run")
     resolved = {"gn_groups": c.gn_groups or spec.gn_groups,
                 **{name: getattr(c, name) if getattr(c, name) >= 0
-                   else int(fraction * total_steps)
+                   else steps_at(fraction, total_steps)
                    for name, fraction in RENORM_STEP_FRACTIONS.items()}}
     try:
         resolved["mix_norms"] = norms.mix_components(c.mix_norms)
@@ -416,6 +447,12 @@ def fields_where(key):
     """Names of the Config fields whose `setting()` metadata has `key` true."""
     return frozenset(f.name for f in dataclasses.fields(Config) if f.metadata[key])
 
+
+def legacy_values():
+    """{field: the value a record written before the field existed meant}."""
+    return {f.name: list(f.metadata["legacy"]) if isinstance(f.metadata["legacy"], tuple)
+            else f.metadata["legacy"]
+            for f in dataclasses.fields(Config) if f.metadata["legacy"] is not _NO_LEGACY}
 
 # Settings that change how a run executes but not what it computes: an output_dir may be
 # resumed with other values of these, and a sweep ignores them when comparing settings.
@@ -458,6 +495,17 @@ def _unrolled_steps(requested, steps_per_execution):
     if requested < 1:
         raise ConfigError(f"--unrolled_steps={requested} must be >= 1 (1: no unrolling)")
     return largest_divisor(steps_per_execution, requested)
+
+
+def steps_at(fraction, total_steps):
+    """floor(fraction * total_steps + 1/2): a fraction of all iterations, halves rounded up.
+
+    Computed exactly, with `fraction` read as the decimal it prints as (0.29, not the
+    binary 0.28999...), so neither float error nor Python's round-half-to-even moves
+    a step: 0.5 of 1001 steps is 501, 0.29 of 50 is 15.
+    """
+    exact = Fraction(repr(float(fraction))) * int(total_steps)
+    return math.floor(exact + Fraction(1, 2))
 
 
 def largest_divisor(n, at_most):

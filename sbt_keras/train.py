@@ -16,7 +16,7 @@ import time
 
 from absl import logging
 
-from sbt_keras import memory, results
+from sbt_keras import memory, models, results
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
 from sbt_keras.training import norm_records, resume, snapshot
@@ -187,6 +187,7 @@ def derived_settings(cfg, info, replicas, bn_batch_size, schedule):
         "num_classes": info.num_classes, "image_shape": list(info.image_shape),
         "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * cfg.epochs,
         "lr_decay_steps": list(schedule.boundaries), "warmup_steps": schedule.warmup_steps,
+        "model_revision": models.spec(cfg.model).revision,
     }
 
 
