@@ -46,9 +46,8 @@ Where the two batch sizes come from in a train step (`replica_squared_norms`,
 import dataclasses
 import math
 
-import numpy as np
 
-# ------------------------------------------------------------------ numpy estimators
+# ------------------------------------------- estimators (plain floats, no TensorFlow)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -191,7 +191,11 @@ def test_replica_and_split_batch_estimates_agree(mirrored):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(loss_fn(y, replicated(x, training=True)))
         grads = tape.gradient(loss, variables)
-        return gn.replica_squared_norms(grads, tf.shape(x)[0])
+        # Both ways in: with the step's own all-reduced sum, and all-reducing it here.
+        summed = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, grads)
+        given = gn.replica_squared_norms(grads, tf.shape(x)[0], global_sum_grads=summed)
+        return given + gn.replica_squared_norms(grads, tf.shape(x)[0])
 
     def shard(array):
         return mirrored.experimental_distribute_values_from_function(
@@ -201,7 +205,8 @@ def test_replica_and_split_batch_estimates_agree(mirrored):
     per_replica = [[float(t) for t in mirrored.experimental_local_results(o)] for o in out]
     for values in per_replica:  # every replica holds the same estimate
         assert values[0] == pytest.approx(values[1], rel=1e-6)
-    replica = [v[0] for v in per_replica]
+    replica = [v[0] for v in per_replica[:4]]
+    np.testing.assert_allclose([v[0] for v in per_replica[4:]], replica, rtol=1e-6)
     np.testing.assert_allclose(replica, split, rtol=1e-5)
     assert replica[2:] == [4.0, 8.0]
     est = gn.unbiased_estimates(*replica)
