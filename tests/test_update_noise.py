@@ -38,10 +38,12 @@ def exact_gradients(x, y, w):
     return (x @ w - y)[:, None] * x
 
 
-def test_per_example_gradients_equal_numpys():
+@pytest.mark.parametrize("method", un.PER_EXAMPLE_METHODS)
+def test_per_example_gradients_equal_numpys(method):
     network, x, y, w = linear_problem()
     # chunk 5 does not divide 24: the last chunk is padded and the padding dropped.
-    grads = un.per_example_gradients(network, x, y, loss_fn=half_squared_error, chunk_size=5)
+    grads = un.per_example_gradients(network, x, y, loss_fn=half_squared_error, chunk_size=5,
+                                     method=method)
     assert grads.shape == (N, D) and grads.dtype == np.float32
     exact = exact_gradients(x, y, w)
     np.testing.assert_allclose(grads, exact, rtol=1e-5, atol=1e-5)
@@ -57,6 +59,20 @@ def test_per_example_gradients_equal_numpys():
     with FlatLoss(network, x, y, loss_fn=half_squared_error) as flat:
         _, grad = flat.value_and_grad(flat.x0)
     np.testing.assert_allclose(grad, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_both_methods_agree_through_batch_norm_in_inference_mode():
+    rng = np.random.default_rng(8)
+    images = rng.normal(size=(6, 3)).astype(np.float32)
+    labels = rng.integers(0, 2, 6).astype(np.int32)
+    network = _bn_network(bn_batch_size=2)
+    network(images, training=True)  # moving statistics away from their initial values
+    jac, loop = (un.per_example_gradients(network, images, labels, chunk_size=4, method=m)
+                 for m in un.PER_EXAMPLE_METHODS)
+    np.testing.assert_allclose(jac, loop, rtol=1e-5, atol=1e-6)
+    assert np.abs(jac).max() > 0
+    with pytest.raises(ValueError, match="method must be one of jacobian, loop"):
+        un.per_example_gradients(network, images, labels, method="pfor")
 
 
 def test_gram_blocks_match_one_product():

@@ -58,6 +58,9 @@ def define_flags(fv=FLAGS):
                        "checkpoint).", flag_values=fv)
     flags.DEFINE_integer("chunk_size", 64, "Examples per vectorized per-example-gradient "
                          "chunk (bounds activation memory).", flag_values=fv)
+    flags.DEFINE_enum("per_example", "auto", ["auto", "jacobian", "loop"], "How per-example "
+                      "gradients are computed (update_noise.per_example_gradients); auto: "
+                      "jacobian with a GPU, loop (faster there) on CPU.", flag_values=fv)
     flags.DEFINE_string("staleness_n", "1,2,4,8", "Step counts n (empty: no staleness).",
                         flag_values=fv)
     flags.DEFINE_string("staleness_m", "", "Small batch sizes m (empty: the run's).",
@@ -79,6 +82,7 @@ class Settings:
     draws: int = 1000
     lr: float = 0.0              # 0 = the run's eta_tilde at the checkpoint
     chunk_size: int = 64
+    per_example: str = "auto"    # "jacobian", "loop", or auto: jacobian on GPU, loop on CPU
     staleness_n: tuple = (1, 2, 4, 8)
     staleness_m: tuple = ()      # () = the run's batch size
     staleness_lrs: tuple = ()    # () = the run's eta_tilde at the checkpoint
@@ -159,7 +163,7 @@ def settings_from_flags(fv=FLAGS):
     return Settings(
         run=fv.run, epochs=parse_epochs(fv.epochs), sample=fv.sample, seed=fv.seed,
         batch_sizes=parse_sizes(fv.batch_sizes, "batch_sizes"), draws=fv.draws, lr=fv.lr,
-        chunk_size=fv.chunk_size,
+        chunk_size=fv.chunk_size, per_example=fv.per_example,
         staleness_n=parse_sizes(fv.staleness_n, "staleness_n", allow_empty=True),
         staleness_m=parse_sizes(fv.staleness_m, "staleness_m", allow_empty=True),
         staleness_lrs=parse_rates(fv.staleness_lrs, "staleness_lrs"), out=fv.out,
@@ -181,6 +185,8 @@ def check(settings, batch_size):
         raise ConfigError(f"--draws={s.draws} must be >= 2")
     if s.chunk_size < 1:
         raise ConfigError(f"--chunk_size={s.chunk_size} must be >= 1")
+    if s.per_example not in ("auto", "jacobian", "loop"):
+        raise ConfigError(f"--per_example={s.per_example} must be auto, jacobian or loop")
     unknown = [f for f in s.formats if f not in FIGURE_FORMATS]
     if unknown:
         raise ConfigError(f"--formats: '{unknown[0]}' is not one of "
@@ -217,6 +223,15 @@ def lr_at_checkpoint(snap):
     return float(schedule(snap.step))
 
 
+def per_example_method(choice):
+    """"auto": the vectorized Jacobian where a GPU is visible, the in-graph loop on CPU."""
+    if choice != "auto":
+        return choice
+    import tensorflow as tf
+
+    return "jacobian" if tf.config.list_logical_devices("GPU") else "loop"
+
+
 def cost_text(settings, snap, epochs):
     s = settings
     params = sum(int(math.prod(v.shape)) for v in snap.network.trainable_variables)
@@ -227,8 +242,9 @@ def cost_text(settings, snap, epochs):
     lines = [
         f"cost per epoch (x{len(epochs)} epochs): N = {n:,} examples, P = {params:,} "
         f"parameters",
-        f"  per-example gradients: {n:,} example forward+backward passes (vectorized in "
-        f"chunks of {min(s.chunk_size, n)}); host memory N*P float32 = "
+        f"  per-example gradients: {n:,} example forward+backward passes "
+        f"({per_example_method(s.per_example)}, chunks of {min(s.chunk_size, n)}); host "
+        f"memory N*P float32 = "
         f"{_bytes(4 * n * params)} + Gram matrix N^2 float64 = {_bytes(8 * n * n)}",
         f"  update variance: {len(s.batch_sizes)} batch sizes x 2 schemes x {s.draws} draws "
         f"on the Gram matrix (~{2 * len(s.batch_sizes) * s.draws * n * n:.2g} "
@@ -257,7 +273,8 @@ def measure_epoch(snap, settings):
     run_lr = lr_at_checkpoint(snap)
     lr = s.lr or run_lr
     images, labels = snap.train_arrays(s.sample, s.seed)
-    grads = un.per_example_gradients(snap.network, images, labels, chunk_size=s.chunk_size)
+    grads = un.per_example_gradients(snap.network, images, labels, chunk_size=s.chunk_size,
+                                     method=per_example_method(s.per_example))
     gram = un.gram_matrix(grads)
     params = grads.shape[1]
     del grads
