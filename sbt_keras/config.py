@@ -172,6 +172,14 @@ class Config:
         "own (checkpoints/epochs/), for warm starts, interpolation and the instruments "
         "(0 = only the newest 3 rolling checkpoints).", group="records", execution=True,
         legacy=0)
+    gns_every_steps: int = setting(
+        0, "Measure the gradient noise scale B_simple = tr(Sigma)/|G|^2 (McCandlish et al. "
+        "2018) every K steps (0 = never): from each replica's gradient with 2+ replicas, "
+        "else from the batch's two halves (one extra forward and backward pass). Never "
+        "changes training.", group="records", legacy=0)
+    gns_ema: float = setting(0.99, "Decay of the separate moving averages of |G|^2 and "
+                             "tr(Sigma) before their ratio, in (0, 1).", group="records",
+                             legacy=0.99)
     eval_batch_size: int = setting(512, "Test-set batch size, a power of two so that any "
                                    "replica count divides it; the last batch is padded "
                                    "(padding not counted).", group="records", execution=True)
@@ -293,7 +301,16 @@ class Config:
                               f">= 0")
         norm_resolved = _check_norm_options(c, info.num_train // c.batch_size * c.epochs)
         steps_per_execution = _steps_per_execution(
-            c.steps_per_execution, info.num_train // c.batch_size, c.checkpoint_every_steps)
+            c.steps_per_execution, info.num_train // c.batch_size, c.checkpoint_every_steps,
+            c.gns_every_steps)
+        if c.gns_every_steps < 0:
+            raise ConfigError(f"--gns_every_steps={c.gns_every_steps} must be >= 1 (or 0: "
+                              f"never measure)")
+        if not 0 < c.gns_ema < 1:
+            raise ConfigError(f"--gns_ema={c.gns_ema} must be in (0, 1)")
+        if c.gns_every_steps and c.bn_sync:
+            raise ConfigError("--gns_every_steps needs each replica's gradient to be its own "
+                              "examples'; with --bn_sync it is not: drop one of them")
         if c.keep_checkpoint_every_epochs < 0:
             raise ConfigError(f"--keep_checkpoint_every_epochs={c.keep_checkpoint_every_epochs}"
                               f" must be >= 0 (0: keep only the newest checkpoints)")
@@ -347,6 +364,13 @@ class Config:
                               f"{self.batch_size} / {num_replicas} replicas); choose a "
                               f"divisor of {per_replica}")
         self._check_bn_over_one_value(bn_batch_size)
+        if self.gns_every_steps and num_replicas == 1:
+            from sbt_keras.gradient_noise import check_split
+            try:  # one device: the noise is measured on the batch's two halves
+                check_split(self.batch_size, bn_batch_size
+                            if norms.uses_batch_statistics(self.norm, self.mix_norms) else None)
+            except ValueError as error:
+                raise ConfigError(f"--gns_every_steps on one device: {error}") from None
         return bn_batch_size
 
     def _check_bn_over_one_value(self, bn_batch_size):
@@ -470,11 +494,12 @@ def hparams_of(cfg: Config, bn_batch_size: int) -> dict:
 MAX_AUTO_STEPS_PER_EXECUTION = 32
 
 
-def _steps_per_execution(requested, steps_per_epoch, checkpoint_every):
+def _steps_per_execution(requested, steps_per_epoch, checkpoint_every, noise_every=0):
     """Keras runs whole blocks of steps: a block must not cross an epoch end or a
-    checkpoint, so it must divide both. 0 picks the largest such block up to 32 (fewer
-    host round trips; batch-level checks then run once per block)."""
-    period = math.gcd(steps_per_epoch, checkpoint_every) if checkpoint_every else steps_per_epoch
+    checkpoint, and a gradient-noise measurement ends a block, so it must divide all three.
+    0 picks the largest such block up to 32 (fewer host round trips; batch-level checks
+    then run once per block)."""
+    period = math.gcd(steps_per_epoch, checkpoint_every, noise_every)
     if requested == 0:
         return largest_divisor(period, MAX_AUTO_STEPS_PER_EXECUTION)
     if requested < 0:
@@ -485,6 +510,9 @@ def _steps_per_execution(requested, steps_per_epoch, checkpoint_every):
     if checkpoint_every % requested:
         raise ConfigError(f"--steps_per_execution={requested} does not divide "
                           f"--checkpoint_every_steps={checkpoint_every}; use a divisor")
+    if noise_every % requested:
+        raise ConfigError(f"--steps_per_execution={requested} does not divide "
+                          f"--gns_every_steps={noise_every}; use a divisor")
     return requested
 
 

@@ -41,7 +41,8 @@ OBJECTIVE = "test_accuracy"
 RESULT_COLUMNS = ("trial", "norm", "batch_size", "log2_base_lr", "base_lr", "bn_batch_size",
                   "epochs", "seed", "status", "test_accuracy", "best_test_accuracy",
                   "final_train_loss", "epochs_completed", "steps", "wall_seconds",
-                  "alpha_batch_mean", "trial_dir", "reason")
+                  "alpha_batch_mean", "gns_b_simple", "gns_b_simple_mean", "trial_dir",
+                  "reason")
 
 
 def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):

@@ -19,7 +19,7 @@ from absl import logging
 from sbt_keras import memory, models, results
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
-from sbt_keras.training import norm_records, resume, snapshot
+from sbt_keras.training import noise_records, norm_records, resume, snapshot
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
@@ -83,9 +83,11 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         # -------------------------------------------------------------- Resume
         metric_variables = [v for m in model.metrics for v in m.variables]
         divergence = callbacks.DivergenceStop(cfg.divergence_factor)
+        noise = [noise_records.NoiseRecorder(cfg.gns_ema)] if cfg.gns_every_steps else []
         history = read_history(out)
         checkpoint, manager, plan = resume.open_checkpoints(
-            model, dict(metrics=metric_variables, divergence_reference=divergence.reference),
+            model, dict(metrics=metric_variables, divergence_reference=divergence.reference,
+                        noise=[n.state for n in noise]),
             restore_from=run_dir, save_to=out, cfg=cfg, steps_per_epoch=steps_per_epoch,
             history_rows=len(history))
         start_step = plan.start_step
@@ -103,7 +105,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             history=history[:plan.history_rows],
             hparams=hparams_of(cfg, bn_batch_size) if start_step == 0 else None,
             histogram_freq=cfg.histogram_freq, network=network,
-            probes=[functools.partial(norm_records.mixing_weights, network)])
+            probes=[functools.partial(norm_records.mixing_weights, network),
+                    *(n.epoch_values for n in noise)])
         restore_metrics = callbacks.RestoreMetrics(
             metric_variables, [v.numpy() for v in metric_variables] if plan.mid_epoch else None)
         snapshots = [callbacks.EpochSnapshots(
@@ -124,7 +127,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                           steps_per_epoch=steps_per_epoch - phase.skip,
                           validation_data=test_ds, validation_steps=eval_steps,
                           verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
-                          callbacks=[restore_metrics, divergence, recorder,
+                          callbacks=[restore_metrics, divergence, *noise, recorder,
                                      callbacks.EpochLog(cfg.epochs), checkpointer,
                                      *snapshots, *extra_callbacks])
         session_steps = int(model.optimizer.iterations.numpy()) - start_step
@@ -134,6 +137,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             recorder.rows, cfg, info.num_classes, divergence.diverged_at_step,
             session=(session_steps * cfg.batch_size, time.monotonic() - started),
             worker=os.environ.get("KERASTUNER_TUNER_ID"))  # which sweep worker ran it
+        result.update(noise_records.summary(recorder.rows))
         if norm_records.mix_layers(network):
             result["mixing_weights"] = norm_records.final_mixing_weights(network)
             result[norm_records.MEAN_KEY] = norm_records.mixing_weights(network).get(
