@@ -137,11 +137,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             recorder.rows, cfg, info.num_classes, divergence.diverged_at_step,
             session=(session_steps * cfg.batch_size, time.monotonic() - started),
             worker=os.environ.get("KERASTUNER_TUNER_ID"))  # which sweep worker ran it
-        result.update(noise_records.summary(recorder.rows))
-        if norm_records.mix_layers(network):
-            result["mixing_weights"] = norm_records.final_mixing_weights(network)
-            result[norm_records.MEAN_KEY] = norm_records.mixing_weights(network).get(
-                norm_records.MEAN_KEY)
+        result.update(**noise_records.summary(recorder.rows), **norm_records.summary(network))
         recorder.write_final("median_test_accuracy", result["test_accuracy"],
                              result["epochs_completed"])
     results.write_yaml(os.path.join(out, results.RESULT_FILE), result)
