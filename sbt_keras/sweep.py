@@ -40,7 +40,10 @@ TRIALS_DIR = "trials"
 OBJECTIVE = "test_accuracy"
 RESULT_COLUMNS = ("trial", "batch_size", "log2_base_lr", "base_lr", "bn_batch_size", "epochs",
                   "seed", "status", "test_accuracy", "best_test_accuracy", "final_train_loss",
-                  "epochs_completed", "steps", "wall_seconds", "trial_dir", "reason")
+                  "epochs_completed", "steps", "wall_seconds", "trial_dir", "reason",
+                  # Sharp-minima instruments (docs/sharp_minima.md).
+                  "final_test_accuracy", "train_eval_accuracy", "train_eval_loss",
+                  "generalization_gap", "sharpness")
 
 
 def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):

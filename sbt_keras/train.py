@@ -19,7 +19,7 @@ from absl import logging
 from sbt_keras import memory, results
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
-from sbt_keras.training import resume, snapshot
+from sbt_keras.training import resume, snapshot, train_eval
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
@@ -144,6 +144,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                                    divergence.diverged_at_step)
         result["examples_per_second"] = (session_steps * cfg.batch_size / session_seconds
                                          if session_seconds > 0 else 0.0)
+        result.update(train_eval.final_training_set_metrics(cfg, model, result))
         if os.environ.get("KERASTUNER_TUNER_ID"):  # which sweep worker ran it
             result["worker"] = os.environ["KERASTUNER_TUNER_ID"]
         recorder.write_final("median_test_accuracy", result["test_accuracy"],
