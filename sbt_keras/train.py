@@ -19,7 +19,7 @@ from absl import logging
 from sbt_keras import memory, results
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
-from sbt_keras.training import resume, snapshot, train_eval
+from sbt_keras.training import resume, sharpness_callback, snapshot, train_eval
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
@@ -112,7 +112,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             out, batch_size=cfg.batch_size, schedule=schedule,
             history=history[:plan.history_rows],
             hparams=hparams_of(cfg, bn_batch_size) if start_step == 0 else None,
-            histogram_freq=cfg.histogram_freq, network=network)
+            histogram_freq=cfg.histogram_freq, network=network,
+            extra_columns=sharpness_callback.columns(cfg))
         restore_metrics = callbacks.RestoreMetrics(
             metric_variables, [v.numpy() for v in metric_variables] if plan.mid_epoch else None)
         snapshots = [callbacks.EpochSnapshots(
@@ -123,6 +124,9 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         with callbacks.Preemption() as preemption:
             checkpointer = callbacks.Checkpointer(manager, divergence, preemption,
                                                   steps_per_epoch, cfg.checkpoint_every_steps)
+            # Before the recorder: a measured epoch's row and checkpoint carry the value.
+            measures = sharpness_callback.for_run(cfg, network, divergence, preemption,
+                                                  strategy)
             for phase in plan.phases:
                 if divergence.diverged:
                     break
@@ -133,7 +137,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                           steps_per_epoch=steps_per_epoch - phase.skip,
                           validation_data=test_ds, validation_steps=eval_steps,
                           verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
-                          callbacks=[restore_metrics, divergence, recorder,
+                          callbacks=[restore_metrics, divergence, *measures, recorder,
                                      callbacks.EpochLog(cfg.epochs), checkpointer,
                                      *snapshots, *extra_callbacks])
         session_seconds = time.monotonic() - started

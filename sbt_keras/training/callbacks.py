@@ -81,12 +81,18 @@ class DivergenceStop(keras.callbacks.Callback):
 
 
 class EpochRecorder(keras.callbacks.Callback):
-    """Appends one row per epoch to history.csv (atomically) and mirrors it to TensorBoard."""
+    """Appends one row per epoch to history.csv (atomically) and mirrors it to TensorBoard.
+
+    `extra_columns`: further history.csv columns, read from the epoch's logs (where a
+    callback running before this one put them; empty when absent) and written to
+    TensorBoard's train/ scalars when present.
+    """
 
     def __init__(self, output_dir, *, batch_size, schedule, history=(), hparams=None,
-                 histogram_freq=0, network=None):
+                 histogram_freq=0, network=None, extra_columns=()):
         super().__init__()
         self.output_dir = output_dir
+        self.extra_columns = tuple(extra_columns)
         self.batch_size = batch_size
         self.schedule = schedule
         self.rows = list(history)  # rows of earlier, resumed sessions
@@ -125,10 +131,11 @@ class EpochRecorder(keras.callbacks.Callback):
             "test_accuracy": _float(logs.get("val_accuracy")),
             "wall_seconds": self._wall_before + time.monotonic() - self._start,
         }
+        row.update({c: _float(logs[c]) if c in logs else None for c in self.extra_columns})
         self.rows.append(row)
         self._wall_before, self._start = row["wall_seconds"], time.monotonic()
         results.write_csv(os.path.join(self.output_dir, results.HISTORY_FILE), self.rows,
-                          results.HISTORY_COLUMNS)
+                          results.HISTORY_COLUMNS + self.extra_columns)
         self._write_scalars(epoch + 1, row)
 
     def _write_scalars(self, epoch, row):
@@ -139,6 +146,9 @@ class EpochRecorder(keras.callbacks.Callback):
         with self._writers["train"].as_default(step=epoch):
             tf.summary.scalar("learning_rate", row["learning_rate"])
             tf.summary.scalar("base_lr", row["base_lr"])
+            for column in self.extra_columns:
+                if row[column] is not None:
+                    tf.summary.scalar(column, row[column])
             if self.histogram_freq and epoch % self.histogram_freq == 0 and self.network:
                 for v in self.network.trainable_variables:
                     tf.summary.histogram(v.path, v.value)
