@@ -19,7 +19,8 @@ from absl import logging
 from sbt_keras import memory, results
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
-from sbt_keras.training import resume, sharpness_callback, snapshot, train_eval
+from sbt_keras.training import (resume, sharpness_callback, snapshot, train_eval,
+                                warm_start)
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
@@ -95,6 +96,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         manager = tf.train.CheckpointManager(
             checkpoint, os.path.join(out, resume.CHECKPOINT_DIR), max_to_keep=3)
         start_step = resume.restore_latest(restore_dir, checkpoint, model)
+        warm_start.apply(cfg, network, start_step)  # --init_from, on a fresh start only
         history = read_history(out)
         plan = resume.resume_plan(start_step, steps_per_epoch=steps_per_epoch,
                                   epochs=cfg.epochs, history_rows=len(history),
