@@ -188,41 +188,28 @@ def hutchinson_trace(hvp, n, *, samples=100, seed=0):
 def model_top_hessian_eigenvalue(model, images, labels, *, method="lanczos", tol=1e-4,
                                  max_iterations=100, seed=0, sample_size=None,
                                  chunk_size=256, loss_fn=None, strategy=None,
-                                 hvp_mode="forward", on_hvp=None):
+                                 hvp_mode="forward"):
     """`top_hessian_eigenvalue` of a Keras model's loss at its current weights.
 
     sample_size: N examples chosen by `choose_sample` with `seed`. Weights are restored.
-    chunk_size, loss_fn, strategy, hvp_mode: see `FlatLoss`. on_hvp: None, or a callable
-    called (without arguments) after every HVP (progress reports).
+    chunk_size, loss_fn, strategy, hvp_mode: see `FlatLoss`.
     """
     images, labels = choose_sample(images, labels, sample_size, seed)
     with FlatLoss(model, images, labels, loss_fn=loss_fn, chunk_size=chunk_size,
                   strategy=strategy, hvp_mode=hvp_mode) as loss:
-        return top_hessian_eigenvalue(_model_hvp(loss, on_hvp), loss.size,
+        return top_hessian_eigenvalue(lambda v: loss.hvp(loss.x0, v), loss.size,
                                       method=method, tol=tol,
                                       max_iterations=max_iterations, seed=seed)
 
 
 def model_hessian_trace(model, images, labels, *, samples=100, seed=0, sample_size=None,
-                        chunk_size=256, loss_fn=None, strategy=None, hvp_mode="forward",
-                        on_hvp=None):
-    """`hutchinson_trace` of a Keras model's loss Hessian at its current weights (on_hvp:
-    as for `model_top_hessian_eigenvalue`)."""
+                        chunk_size=256, loss_fn=None, strategy=None, hvp_mode="forward"):
+    """`hutchinson_trace` of a Keras model's loss Hessian at its current weights."""
     images, labels = choose_sample(images, labels, sample_size, seed)
     with FlatLoss(model, images, labels, loss_fn=loss_fn, chunk_size=chunk_size,
                   strategy=strategy, hvp_mode=hvp_mode) as loss:
-        return hutchinson_trace(_model_hvp(loss, on_hvp), loss.size, samples=samples,
-                                seed=seed)
-
-
-def _model_hvp(loss, on_hvp):
-    """v -> H(x0) v of a FlatLoss, calling `on_hvp()` after each product."""
-    def hvp(v):
-        product = loss.hvp(loss.x0, v)
-        if on_hvp is not None:
-            on_hvp()
-        return product
-    return hvp
+        return hutchinson_trace(lambda v: loss.hvp(loss.x0, v), loss.size,
+                                samples=samples, seed=seed)
 
 
 def eigenvalue_cost(num_examples, *, method="lanczos", max_iterations=100):

@@ -192,15 +192,3 @@ def test_nonlinear_net_hvp_and_top_eigenvalue_match_the_dense_hessian():
                                         tol=1e-8)
     assert result.converged
     assert result.eigenvalue == pytest.approx(np.linalg.eigvalsh(H)[-1], rel=1e-4)
-
-
-def test_on_hvp_counts_every_product():
-    model, X, y, _ = least_squares()
-    calls = []
-    top = model_top_hessian_eigenvalue(model, X, y, max_iterations=7, loss_fn=half_squared_error,
-                                       hvp_mode="reverse", on_hvp=lambda: calls.append(1))
-    assert len(calls) == top.iterations
-    calls.clear()
-    model_hessian_trace(model, X, y, samples=4, loss_fn=half_squared_error,
-                        hvp_mode="reverse", on_hvp=lambda: calls.append(1))
-    assert len(calls) == 4

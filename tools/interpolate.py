@@ -148,7 +148,8 @@ def run(a_dir, b_dir, *, epoch_a=None, epoch_b=None, alphas=(0.0, 1.0), sample=N
     try:
         layers = bn_statistics.bn_layers(network)
     except ValueError as error:
-        raise ConfigError(f"--a={a_dir}: {error}; interpolation needs it") from None
+        raise ConfigError(f"--a={a_dir}: interpolation recomputes the BN moving statistics "
+                          f"at each alpha, but {error}") from None
     train_images, train_labels = snap_a.train_arrays(n, seed)
     test_images, test_labels = snap_a.test_arrays(t, seed)
     bn_batch = bn_statistics.batch_size_for(layers, n) if layers else 0

@@ -150,21 +150,30 @@ def measure(run_dir, *, epoch=None, sample=None, epsilons=DEFAULT_EPSILONS, p=DE
 
 def _curvature(curvature_lib, network, images, labels, n_sample, seed, eigen_hvps,
                trace_samples, hvp_mode, log):
+    """Top eigenvalue (Lanczos) and Hutchinson trace from one FlatLoss (traced once)."""
+    from sbt_keras.flat_loss import FlatLoss
+
     started = time.monotonic()
-    bar = cli.progress(eigen_hvps, "top eigenvalue HVPs")
-    try:
-        top = curvature_lib.model_top_hessian_eigenvalue(
-            network, images, labels, max_iterations=eigen_hvps, seed=seed,
-            hvp_mode=hvp_mode, on_hvp=bar.update)
-    finally:
-        bar.close()
-    bar = cli.progress(trace_samples, "Hutchinson HVPs")
-    try:
-        trace = curvature_lib.model_hessian_trace(network, images, labels,
-                                                  samples=trace_samples, seed=seed,
-                                                  hvp_mode=hvp_mode, on_hvp=bar.update)
-    finally:
-        bar.close()
+    with FlatLoss(network, images, labels, hvp_mode=hvp_mode) as loss:
+        def counted(bar):
+            def hvp(v):
+                product = loss.hvp(loss.x0, v)
+                bar.update(1)
+                return product
+            return hvp
+
+        bar = cli.progress(eigen_hvps, "top eigenvalue HVPs")
+        try:
+            top = curvature_lib.top_hessian_eigenvalue(counted(bar), loss.size,
+                                                       max_iterations=eigen_hvps, seed=seed)
+        finally:
+            bar.close()
+        bar = cli.progress(trace_samples, "Hutchinson HVPs")
+        try:
+            trace = curvature_lib.hutchinson_trace(counted(bar), loss.size,
+                                                   samples=trace_samples, seed=seed)
+        finally:
+            bar.close()
     log(f"  top Hessian eigenvalue {top.eigenvalue:.6g} ({top.iterations} HVPs, "
         f"{'converged' if top.converged else 'not converged: a lower bound'}); trace "
         f"{trace.mean:.6g} +- {trace.stderr:.3g}")

@@ -17,6 +17,10 @@ result.yaml:
 Nothing is trained or changed: it runs after `fit`, after the last checkpoint. Diverged
 runs, and streamed ImageNet, get no such values.
 """
+import time
+
+from absl import logging
+
 from sbt_keras.training import train_sample
 
 
@@ -26,6 +30,7 @@ def final_training_set_metrics(cfg, model, result):
 
     if result.get("status") != "completed" or cfg.dataset == "imagenet2012":
         return {}
+    started = time.monotonic()
     arrays, mean, std = train_sample.load(cfg, cfg.train_eval_examples)
     dataset = pipeline.eval_dataset(arrays, batch_size=cfg.eval_batch_size, mean=mean,
                                     std=std)
@@ -34,6 +39,8 @@ def final_training_set_metrics(cfg, model, result):
     steps = -(-len(arrays) // cfg.eval_batch_size)
     metrics = model.evaluate(dataset, steps=steps, verbose=0, return_dict=True)
     accuracy, loss = float(metrics["accuracy"]), float(metrics["loss"])
+    logging.info("Final network on %d training examples (inference mode): accuracy %.4f, "
+                 "loss %.4f (%.1f s)", len(arrays), accuracy, loss, time.monotonic() - started)
     return {"train_eval_examples": len(arrays), "train_eval_accuracy": accuracy,
             "train_eval_loss": loss,
             "generalization_gap": accuracy - float(result["final_test_accuracy"])}
