@@ -187,6 +187,34 @@ class Config:
                                   "(0 = never).", group="records", execution=True)
     output_dir: str = setting("runs/default", "Where the run's records go.", group="records",
                               execution=True)
+    # Sharp-minima instruments (Keskar et al. 2017; docs/sharp_minima.md).
+    train_eval_examples: int = setting(
+        4096, "After the last epoch, evaluate the final network in inference mode on this "
+        "many un-augmented training examples (a fixed sample, seed 0; the whole training set "
+        "when it has fewer; 0 = all): result.yaml's train_eval_accuracy, train_eval_loss and "
+        "generalization_gap.", group="records")
+    sharpness: str = setting(
+        "none", "'final': measure the epsilon-sharpness of the final network (history.csv, "
+        "TensorBoard train/sharpness, result.yaml).", group="records",
+        choices=("none", "final"))
+    sharpness_every: int = setting(
+        0, "Also measure the epsilon-sharpness at every K-th epoch end (0 = never).",
+        group="records")
+    sharpness_epsilons: Tuple[float, ...] = setting(
+        (1e-3, 5e-4), "Box sizes epsilon; training measures the first (python -m "
+        "tools.sharpness measures all of them).", group="records")
+    sharpness_p: int = setting(
+        100, "Random subspace dimension of the sharpness box; 0 = the full parameter "
+        "space.", group="records")
+    sharpness_sample: int = setting(
+        1024, "Training examples the sharpness is measured on (a fixed sample, seed 0; the "
+        "whole training set when it has fewer; 0 = all).", group="records")
+    sharpness_maxiter: int = setting(10, "L-BFGS-B iterations of each sharpness search.",
+                                     group="records")
+    init_from: str = setting(
+        "", "Warm start: RUN_DIR[:EPOCH] whose network weights and BN moving statistics "
+        "(at the end of EPOCH; default its newest checkpoint) this run starts from, with a "
+        "fresh optimizer and schedule.", group="records")
     # Execution.
     seed: int = setting(0, "Seed for initialization, data order and augmentation.",
                         group="execution", hparam=True)
@@ -318,6 +346,25 @@ class Config:
             raise ConfigError(f"--histogram_freq={c.histogram_freq} must be >= 0")
         if not c.output_dir:
             raise ConfigError("--output_dir is empty; give a directory for the run's records")
+        if c.train_eval_examples < 0:
+            raise ConfigError(f"--train_eval_examples={c.train_eval_examples} must be >= 0 "
+                              f"(0: the whole training set)")
+        if c.sharpness_every < 0:
+            raise ConfigError(f"--sharpness_every={c.sharpness_every} must be >= 0 (0: never)")
+        if not c.sharpness_epsilons or any(not (math.isfinite(e) and e > 0)
+                                           for e in c.sharpness_epsilons):
+            raise ConfigError(f"--sharpness_epsilons={','.join(map(str, c.sharpness_epsilons))}"
+                              f" must be positive box sizes, e.g. 1e-3,5e-4")
+        if c.sharpness_p < 0:
+            raise ConfigError(f"--sharpness_p={c.sharpness_p} must be >= 0 (0: the full space)")
+        if c.sharpness_sample < 0:
+            raise ConfigError(f"--sharpness_sample={c.sharpness_sample} must be >= 0 (0: the "
+                              f"whole training set)")
+        if c.sharpness_maxiter < 1:
+            raise ConfigError(f"--sharpness_maxiter={c.sharpness_maxiter} must be >= 1")
+        if c.init_from:  # reads the source's config.yaml and checkpoint list (no TensorFlow)
+            from sbt_keras.training import warm_start
+            warm_start.check_source(c, info)
         return dataclasses.replace(
             c, base_lr=float(base_lr), log2_base_lr=math.log2(base_lr),
             weight_decay=float(weight_decay),

@@ -41,8 +41,10 @@ OBJECTIVE = "test_accuracy"
 RESULT_COLUMNS = ("trial", "norm", "batch_size", "log2_base_lr", "base_lr", "bn_batch_size",
                   "epochs", "seed", "status", "test_accuracy", "best_test_accuracy",
                   "final_train_loss", "epochs_completed", "steps", "wall_seconds",
-                  "alpha_batch_mean", "gns_b_simple", "gns_b_simple_mean", "trial_dir",
-                  "reason")
+                  # the instruments: docs/normalization.md, gradient_noise.md, sharp_minima.md
+                  "alpha_batch_mean", "gns_b_simple", "gns_b_simple_mean",
+                  "final_test_accuracy", "train_eval_accuracy", "train_eval_loss",
+                  "generalization_gap", "sharpness", "trial_dir", "reason")
 
 
 def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):

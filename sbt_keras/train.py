@@ -19,7 +19,8 @@ from absl import logging
 from sbt_keras import memory, models, results
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
-from sbt_keras.training import noise_records, norm_records, resume, snapshot
+from sbt_keras.training import (noise_records, norm_records, resume, sharpness_callback,
+                                snapshot, train_eval, warm_start)
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
@@ -91,6 +92,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             restore_from=run_dir, save_to=out, cfg=cfg, steps_per_epoch=steps_per_epoch,
             history_rows=len(history))
         start_step = plan.start_step
+        warm_start.apply(cfg, network, start_step)  # --init_from, on a fresh start only
         if start_step:
             logging.info("Resuming %s at epoch %d, step %d.", out, plan.initial_epoch,
                          start_step)
@@ -105,8 +107,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             history=history[:plan.history_rows],
             hparams=hparams_of(cfg, bn_batch_size) if start_step == 0 else None,
             histogram_freq=cfg.histogram_freq, network=network,
-            probes=[functools.partial(norm_records.mixing_weights, network),
-                    *(n.epoch_values for n in noise)])
+            probes=[lambda logs: norm_records.mixing_weights(network),
+                    *(n.epoch_values for n in noise), sharpness_callback.probe(cfg)])
         restore_metrics = callbacks.RestoreMetrics(
             metric_variables, [v.numpy() for v in metric_variables] if plan.mid_epoch else None)
         snapshots = [callbacks.EpochSnapshots(
@@ -117,6 +119,9 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         with callbacks.Preemption() as preemption:
             checkpointer = callbacks.Checkpointer(manager, divergence, preemption,
                                                   steps_per_epoch, cfg.checkpoint_every_steps)
+            # Before the recorder: a measured epoch's row and checkpoint carry the value.
+            measures = sharpness_callback.for_run(cfg, network, divergence, preemption,
+                                                  strategy)
             for phase in plan.phases:
                 if divergence.diverged:
                     break
@@ -127,7 +132,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                           steps_per_epoch=steps_per_epoch - phase.skip,
                           validation_data=test_ds, validation_steps=eval_steps,
                           verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
-                          callbacks=[restore_metrics, divergence, *noise, recorder,
+                          callbacks=[restore_metrics, divergence, *noise, *measures, recorder,
                                      callbacks.EpochLog(cfg.epochs), checkpointer,
                                      *snapshots, *extra_callbacks])
         session_steps = int(model.optimizer.iterations.numpy()) - start_step
@@ -137,7 +142,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             recorder.rows, cfg, info.num_classes, divergence.diverged_at_step,
             session=(session_steps * cfg.batch_size, time.monotonic() - started),
             worker=os.environ.get("KERASTUNER_TUNER_ID"))  # which sweep worker ran it
-        result.update(**noise_records.summary(recorder.rows), **norm_records.summary(network))
+        result.update(**noise_records.summary(recorder.rows), **norm_records.summary(network),
+                      **train_eval.final_training_set_metrics(cfg, model, result))
         recorder.write_final("median_test_accuracy", result["test_accuracy"],
                              result["epochs_completed"])
     results.write_yaml(os.path.join(out, results.RESULT_FILE), result)

@@ -44,8 +44,9 @@ class NoiseRecorder(keras.callbacks.Callback):
         state = self.scale.get_state()
         self.state.assign([state["steps"], state["grad_sq_ema"], state["trace_ema"]])
 
-    def epoch_values(self):
-        """{column: smoothed value at the epoch's end} (NaN before the first measurement)."""
+    def epoch_values(self, logs=None):
+        """{column: smoothed value at the epoch's end} (NaN before the first measurement);
+        an EpochRecorder probe."""
         return dict(zip(COLUMNS, (self.scale.grad_sq, self.scale.trace,
                                   self.scale.b_simple)))
 
