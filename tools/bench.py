@@ -53,6 +53,9 @@ def define_flags():
     flags.DEFINE_boolean("jit_compile", False, "Compile the sbt step with XLA.")
     flags.DEFINE_list("baselines", ["fit", "torch"], "Peers to time beside sbt.")
     flags.DEFINE_boolean("input_pipeline", True, "Also time the augmenting input pipeline.")
+    flags.DEFINE_integer("sharpness_sample", 0, "Also time one loss-and-gradient evaluation "
+                         "of the sharpness measurement over this many examples per model "
+                         "(0: no), outside any training loop, and its bound per epsilon.")
     flags.DEFINE_boolean("gradient_noise", False, "Also time the step that measures the "
                          "gradient noise (--gns_every_steps) once per block of --steps, where "
                          "the batch's halves keep the BN groups whole (--bn_batch_size).")
@@ -218,6 +221,41 @@ def _memory():
     return out
 
 
+def sharpness_costs(model_names, sample, shape=(32, 32, 3), repeats=3):
+    """Per model: the seconds of one loss-and-gradient evaluation of the flat training loss
+    over `sample` examples (inference-mode BN, as sbt_keras.sharpness measures it), and the
+    bound of one epsilon's search (default L-BFGS-B budget) in seconds."""
+    from sbt_keras import flat_loss, sharpness
+
+    rows = []
+    for name in model_names:
+        net = _network(name, "batch", 8, 0, shape)
+        rng = np.random.default_rng(0)
+        images = rng.normal(size=(sample, *shape)).astype(np.float32)
+        labels = rng.integers(0, 10, sample)
+        with flat_loss.FlatLoss(net, images, labels) as loss:
+            loss.value_and_grad(loss.x0)  # trace
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                loss.value_and_grad(loss.x0)
+                times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        evaluations = sharpness.default_max_evaluations(sharpness.DEFAULT_MAXITER)
+        rows.append({"model": name, "params": loss.size, "sample": sample,
+                     "eval_s": seconds, "search_bound_s": seconds * evaluations,
+                     "evaluations": evaluations})
+    return rows
+
+
+def sharpness_markdown(rows):
+    lines = ["| model | parameters | N | s per loss+gradient | s per epsilon, at most "
+             "(evaluations) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['params']:,} | {r['sample']} | {r['eval_s']:.2f} | "
+              f"{r['search_bound_s']:.0f} ({r['evaluations']}) |" for r in rows]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- report
 def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3, spe=0,
         jit=False, unrolled=1, baselines=("fit", "torch"), input_pipeline=True,
@@ -327,6 +365,9 @@ def main(argv):
                        input_pipeline=FLAGS.input_pipeline,
                        gns=FLAGS.steps if FLAGS.gradient_noise else 0)
     text = markdown(rows, device)
+    if FLAGS.sharpness_sample:
+        text += "\n\n" + sharpness_markdown(sharpness_costs(FLAGS.models,
+                                                               FLAGS.sharpness_sample))
     results.write_text_atomic(os.path.join(FLAGS.out, "bench.md"), text + "\n")
     results.write_text_atomic(os.path.join(FLAGS.out, "bench.json"),
                               json.dumps({"device": device, "rows": rows}, indent=1))
