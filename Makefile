@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 CIFAR10_DIR ?= $(abspath ../shared/data/cifar10-subset)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-all demo demo-norms demo-noise norm-study figure bench clean
+.PHONY: install test test-all demo demo-norms demo-noise demo-sharpness warm-start-study \
+	norm-study figure bench clean
 
 install: $(STAMP)
 
@@ -57,6 +58,40 @@ demo-noise: $(STAMP)
 	$(PY) -m tools.noise --run=runs/demo_noise/trials/m64_lr-6 --epochs=0,2 --sample=512 \
 	    --batch_sizes=2:256 --draws=400 --staleness_n=1,2,4 --staleness_m=16 \
 	    --staleness_lrs=2^-8,2^-6 --out=runs/demo_noise/noise
+
+# Keskar et al. 2017 on the real subset (experiments/demo_sharpness.flags): m = 16 vs 1024,
+# sharpness every epoch, the generalization gap table, the sharpness-vs-loss figure and the
+# 1-D interpolation between the two trials (docs/sharp_minima.md).
+demo-sharpness: $(STAMP)
+	$(PY) -m sbt_keras.run --flagfile=experiments/demo_sharpness.flags --cifar_dir=$(CIFAR10_DIR) \
+	    --output_dir=runs/demo_sharpness
+	$(PY) -m tools.gap_table --results=runs/demo_sharpness
+	$(PY) -m tools.table --results=runs/demo_sharpness
+	$(PY) -m tools.figures --kind=sharpness --results=runs/demo_sharpness \
+	    --title="Demo: ResNet-8 + BN, CIFAR-10 subset, 5 epochs"
+	$(PY) -m tools.interpolate --a=runs/demo_sharpness/trials/m16_lr-10 \
+	    --b=runs/demo_sharpness/trials/m1024_lr-10 --alphas=-1:2:0.25 --sample=512 \
+	    --out=runs/demo_sharpness/interp
+
+# Keskar et al.'s warm starts (Sec. 4), as a sequence (a sweep's grid cannot vary
+# --init_from): the small-batch run keeping every 10th epoch (experiments/warm_start_sb.flags),
+# one large-batch run per kept epoch E started from it (experiments/warm_start_lb.flags,
+# --init_from=runs/warm_start/sb:E, into runs/warm_start/lb_from_E), then the figure of test
+# accuracy and sharpness vs E (the epoch is read from each run's config.yaml init_from).
+# Each run resumes when re-run. WARM_EPOCHS must be multiples of the kept interval (10).
+WARM_SB_LR ?= -10
+WARM_LB_LR ?= -10
+WARM_EPOCHS ?= 0 10 20 30 40 50
+WARM_DIR ?= runs/warm_start
+warm-start-study: $(STAMP)
+	$(PY) -m sbt_keras.run --flagfile=experiments/warm_start_sb.flags $(DATA_FLAGS) \
+	    --log2_base_lr=$(WARM_SB_LR) --output_dir=$(WARM_DIR)/sb
+	$(foreach e,$(WARM_EPOCHS),$(PY) -m sbt_keras.run --flagfile=experiments/warm_start_lb.flags \
+	    $(DATA_FLAGS) --log2_base_lr=$(WARM_LB_LR) --init_from=$(WARM_DIR)/sb:$(e) \
+	    --output_dir=$(WARM_DIR)/lb_from_$(e)$(newline))
+	$(PY) -m tools.figures --kind=warm_start \
+	    --runs=$(subst $(space),$(comma),$(foreach e,$(WARM_EPOCHS),$(WARM_DIR)/lb_from_$(e))) \
+	    --out=$(WARM_DIR)/fig_warm_start
 
 norm-study: $(STAMP)
 	$(PY) -m sbt_keras.run --flagfile=experiments/figures/norms.flags $(DATA_FLAGS) \

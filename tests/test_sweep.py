@@ -379,6 +379,8 @@ M_BY_LR_FIGURES = ["fig01", "fig02", "fig03", "fig05", "fig06", "fig07", "fig08"
 FIXED_RATE_FIGURES = [("fig14_large", -10, 1024), ("fig14_2048", -9, 2048)]  # §3.6, m > 128
 # Each m at the eta_tilde that was best for it in an earlier sweep (--grid_best_lr_from).
 BEST_LR_FIGURES = [("fig13", ()), ("fig13_cifar100", ()), ("fig14", IMAGENET_STANDIN)]
+# Keskar et al. 2017 (docs/sharp_minima.md): sharpness vs m, small vs large batch.
+SHARP_FIGURES = ["sharpness_vs_m", "keskar_sb_lb"]
 
 
 @pytest.fixture
@@ -405,7 +407,7 @@ def _expand_figure(stem, tmp_path, *extra_flags):
 
 
 def test_every_figure_flagfile_is_checked():
-    checked = (M_BY_LR_FIGURES + ["fig04", "fig12", "norms", "fig08_gns"]
+    checked = (M_BY_LR_FIGURES + ["fig04", "fig12", "norms", "fig08_gns"] + SHARP_FIGURES
                + [stem for stem, _, _ in FIXED_RATE_FIGURES]
                + [stem for stem, _ in BEST_LR_FIGURES])
     assert sorted(checked) == sorted(p.stem for p in FIGURES.glob("*.flags"))
@@ -470,3 +472,20 @@ def test_fig08_with_gradient_noise_needs_replicas_for_whole_batch_bn(tmp_path):
     assert len(valid) == 143 and not skipped and base.gns_every_steps == 32
     with pytest.raises(ConfigError, match="a split that breaks a BN group"):
         grid_lib.split_points(base, grid, lambda p: str(tmp_path / p.name))
+
+
+def test_sharpness_vs_m_flagfile_measures_every_m_at_its_best_rate(tmp_path, earlier_sweep):
+    _, axes, valid, skipped = _expand_figure("sharpness_vs_m", tmp_path, earlier_sweep)
+    assert axes["batch_size"] == tuple(2 ** k for k in range(1, 12)) and not skipped
+    assert len(valid) == 11
+    for _, cfg in valid:
+        assert (cfg.model, cfg.norm, cfg.augment, cfg.epochs) == ("resnet32", "batch", True, 82)
+        assert cfg.sharpness == "final" and cfg.log2_base_lr == -8
+
+
+def test_keskar_small_vs_large_batch_flagfile_measures_along_training(tmp_path):
+    base, axes, valid, skipped = _expand_figure("keskar_sb_lb", tmp_path)
+    assert axes["batch_size"] == (256, 4096)  # 4,096: the power of two nearest 10% of 50,000
+    assert axes["log2_base_lr"] == tuple(float(k) for k in range(-12, -7))
+    assert len(valid) == 10 and not skipped
+    assert base.sharpness_every == 2 and base.keep_checkpoint_every_epochs == 10

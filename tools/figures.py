@@ -9,6 +9,8 @@
     python -m tools.figures --kind=alpha   --results=runs/norms   # learned mix weight vs m
     python -m tools.figures --kind=norm_lr --results=runs/norms --m=8  # accuracy vs lr per norm
     python -m tools.figures --kind=gns     --results=runs/fig08_gns    # B_simple over training
+    python -m tools.figures --kind=sharpness  --results=runs/keskar_sb_lb  # Keskar Fig. 4
+    python -m tools.figures --kind=warm_start --runs=runs/warm_start/lb_from_0,...  # Keskar Sec. 4
 
 Writes <out>.png and <out>.svg (default out: <first results dir>/fig_<kind>). Diverged trials
 are drawn at their recorded chance-level accuracy with an 'x' marker, never dropped. --kind=lr
@@ -27,7 +29,8 @@ from absl import app, flags  # noqa: E402
 
 from sbt_keras import results  # noqa: E402
 
-KINDS = ("lr", "bn", "best", "range", "curves", "norms", "alpha", "norm_lr", "gns")
+KINDS = ("lr", "bn", "best", "range", "curves", "norms", "alpha", "norm_lr", "gns",
+         "sharpness", "warm_start")
 
 
 def load_rows(results_dir):
@@ -316,6 +319,109 @@ def plot_gns(rows, out, title=""):
     return _finish(fig, out)
 
 
+def sharpness_by_batch(rows):
+    """{m: (epochs, train losses, sharpness)} of the best trial at each m, from the epochs of
+    its history.csv where the sharpness was measured (--sharpness_every, --sharpness=final)
+    and the training loss is finite."""
+    curves = {}
+    for m, row in best_trials([r for r in rows if r["status"] == "completed"]).items():
+        history = results.read_csv(os.path.join(row["trial_dir"], results.HISTORY_FILE))
+        points = [(h["epoch"], h["train_loss"], h["sharpness"]) for h in history
+                  if results.is_finite(h.get("sharpness"))
+                  and results.is_finite(h.get("train_loss"))]
+        if points:
+            curves[m] = tuple(zip(*points))
+    return curves
+
+
+def plot_sharpness(rows, out, title=""):
+    """Keskar et al.'s Fig. 4: epsilon-sharpness vs the training loss over training, one
+    curve per m (its best eta_tilde). The loss axis is logarithmic and reversed, as theirs:
+    training proceeds to the right."""
+    curves = sharpness_by_batch(rows)
+    if not curves:
+        raise app.UsageError("no completed trial in --results recorded a sharpness; sweep "
+                             "with --sharpness_every=K (or --sharpness=final)")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m, (epochs, losses, values) in curves.items():
+        line, = ax.plot(losses, values, marker="o", ms=3, label=f"m = {m}")
+        ax.annotate(f"{_fmt(epochs[-1])}", (losses[-1], values[-1]), fontsize=7,
+                    color=line.get_color(), xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("training loss (running mean over the epoch; decreasing to the right)")
+    ax.set_ylabel(r"$\epsilon$-sharpness $\phi$")
+    ax.set_title(title or "Sharpness vs training loss (last epoch annotated)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, out)
+
+
+def warm_start_epoch(run_dir):
+    """The epoch of the source network a run was warm-started from: the EPOCH of its
+    config.yaml's init_from=RUN_DIR[:EPOCH]; without one, the source's newest checkpoint,
+    taken as its last completed epoch (result.yaml epochs_completed, else its config's
+    epochs). None for a run that was not warm-started."""
+    from sbt_keras.training import warm_start  # no TensorFlow
+
+    init_from = results.read_yaml(os.path.join(run_dir, results.CONFIG_FILE)).get("init_from")
+    if not init_from:
+        return None
+    source, epoch = warm_start.parse(init_from)
+    if epoch is not None:
+        return epoch
+    record_path = os.path.join(source, results.RESULT_FILE)
+    if results.exists(record_path):
+        done = results.read_yaml(record_path).get("epochs_completed")
+        if done is not None:
+            return int(done)
+    return int(results.read_yaml(os.path.join(source, results.CONFIG_FILE))["epochs"])
+
+
+def warm_start_points(run_dirs):
+    """[(warm-start epoch, test accuracy, sharpness or None, run_dir)] sorted by epoch, from
+    each run's config.yaml (init_from) and result.yaml (test_accuracy, sharpness); runs
+    that were not warm-started or have no result yet are left out."""
+    points = []
+    for run_dir in run_dirs:
+        epoch = warm_start_epoch(run_dir)
+        record_path = os.path.join(run_dir, results.RESULT_FILE)
+        if epoch is None or not results.exists(record_path):
+            continue
+        record = results.read_yaml(record_path)
+        sharp = record.get("sharpness")
+        points.append((epoch, record["test_accuracy"],
+                       sharp if results.is_finite(sharp) else None, run_dir))
+    return sorted(points, key=lambda p: (p[0], p[3]))
+
+
+def plot_warm_start(run_dirs, out, title=""):
+    """Keskar et al.'s Sec. 4 ("piggybacked" large-batch runs): test accuracy (left axis)
+    and the final epsilon-sharpness (right axis) vs the small-batch epoch each run was
+    warm-started from."""
+    points = warm_start_points(run_dirs)
+    if not points:
+        raise app.UsageError("no finished warm-started run (config.yaml init_from) among the "
+                             "given runs")
+    fig, left = plt.subplots(figsize=(6.4, 4.2))
+    epochs = [p[0] for p in points]
+    left.plot(epochs, [p[1] * 100 for p in points], "o-", color="C0", label="test accuracy")
+    left.set_xlabel("warm-start epoch of the small-batch run")
+    left.set_ylabel("test accuracy (%)", color="C0")
+    left.grid(alpha=0.3)
+    sharp = [(p[0], p[2]) for p in points if p[2] is not None]
+    handles = left.get_legend_handles_labels()
+    if sharp:
+        right = left.twinx()
+        right.plot(*zip(*sharp), "s--", color="C3", label=r"$\epsilon$-sharpness")
+        right.set_ylabel(r"$\epsilon$-sharpness $\phi$ (final)", color="C3")
+        more = right.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    left.legend(*handles, fontsize=8)
+    left.set_title(title or "Large batch warm-started from small-batch iterates")
+    return _finish(fig, out)
+
+
 def plot_curves(runs, out, title=""):
     """Test accuracy and train loss per epoch for chosen runs (paper Fig. 4)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -349,7 +455,8 @@ def define_flags(fv=FLAGS):
                       "range one line or bar set per directory.", flag_values=fv)
     flags.DEFINE_list("labels", [], "Legend labels for --results (default: directory names).",
                       flag_values=fv)
-    flags.DEFINE_list("runs", [], "--kind=curves: run directories (holding history.csv).",
+    flags.DEFINE_list("runs", [], "--kind=curves: run directories (holding history.csv); "
+                      "--kind=warm_start: warm-started runs (or give --results: their trials).",
                       flag_values=fv)
     flags.DEFINE_float("tolerance", 0.01, "--kind=range: accuracy tolerance below the best "
                        "(a fraction: 0.01 = 1 percentage point).", flag_values=fv)
@@ -367,6 +474,8 @@ def main(argv):
         if not FLAGS.runs:
             raise app.UsageError("--kind=curves needs --runs=DIR[,DIR...]")
         paths = plot_curves(FLAGS.runs, out, FLAGS.title)
+    elif FLAGS.kind == "warm_start" and FLAGS.runs:
+        paths = plot_warm_start(FLAGS.runs, out, FLAGS.title)
     else:
         if not FLAGS.results:
             raise app.UsageError(f"--kind={FLAGS.kind} needs --results=DIR[,DIR...]")
@@ -394,6 +503,10 @@ def main(argv):
             paths = plot_norm_lr(merged, out, FLAGS.m, FLAGS.title)
         elif FLAGS.kind == "gns":
             paths = plot_gns(merged, out, FLAGS.title)
+        elif FLAGS.kind == "sharpness":
+            paths = plot_sharpness(merged, out, FLAGS.title)
+        elif FLAGS.kind == "warm_start":
+            paths = plot_warm_start([r["trial_dir"] for r in merged], out, FLAGS.title)
         else:
             paths = plot_range(experiments, out, FLAGS.tolerance, FLAGS.title)
     print("\n".join(paths))
