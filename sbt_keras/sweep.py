@@ -277,10 +277,12 @@ def write_results(output_dir):
         row.update(trial=name, trial_dir=os.path.relpath(directory, output_dir))
         rows.append(row)
     sweep_path = os.path.join(output_dir, SWEEP_FILE)
-    skipped = (results.read_yaml(sweep_path) or {}).get("skipped", {}) \
-        if results.exists(sweep_path) else {}
-    for name, info in sorted(skipped.items()):
-        rows.append({"trial": name, "status": "skipped", **info})
+    sweep = (results.read_yaml(sweep_path) or {}) if results.exists(sweep_path) else {}
+    # A skipped point names only its swept values; the fixed ones (the norm, unless swept)
+    # come from the sweep's settings, so its row sorts and reads like the others.
+    fixed = {k: v for k, v in (sweep.get("base") or {}).items() if k in grid_lib.AXES}
+    for name, info in sorted((sweep.get("skipped") or {}).items()):
+        rows.append({"trial": name, "status": "skipped", **fixed, **info})
     rows.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in grid_lib.AXES))
     results.write_csv(os.path.join(output_dir, RESULTS_STEM + ".csv"), rows, RESULT_COLUMNS)
     results.write_yaml(os.path.join(output_dir, RESULTS_STEM + ".yaml"), rows)
