@@ -241,6 +241,8 @@ def test_every_experiment_flagfile_parses_and_resolves(tmp_path):
     ["--base_lr=0.1", "--weight_decay=-1"],
     ["--base_lr=0.1", "--lr_decay_factor=0"],
     ["--base_lr=0.1", "--unrolled_steps=0"],
+    ["--base_lr=0.1", "--tpu_timeout=0"],
+    ["--base_lr=0.1", "--sweep_failure_limit=-1"],
 ])
 def test_more_ranges(argv):
     flag = argv[1].split("=")[0]

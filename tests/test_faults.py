@@ -77,6 +77,15 @@ def _one_error_line(proc, code=2):
     return lines[0]
 
 
+def _final_error_line(proc, code):
+    """The closing `error:` line of a command that got as far as TensorFlow's own logs."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code and lines[-1].startswith("error: "), \
+        (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[-1]
+
+
 # ---------------------------------------------------------------------- 1. failed trials
 class _Transient(Exception):
     pass
@@ -652,3 +661,50 @@ def test_the_fault_table_counts_recorded_outcomes(tmp_path):
     readme.write_text(f"a\n{fault_table.BEGIN}\nold\n{fault_table.END}\nb\n")
     fault_table.replace_in(readme, text)
     assert readme.read_text() == f"a\n{fault_table.BEGIN}\n{text}{fault_table.END}\nb\n"
+
+
+# ---------------------------------------------------------------------- real devices, slow
+@pytest.mark.slow
+@pytest.mark.bad_input("a TPU address that accepts connections but never answers (real gRPC)")
+def test_a_real_silent_tpu_address_is_one_line_after_the_timeout(tmp_path):
+    import socket
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(server.accept()) for _ in range(8)],
+                     daemon=True).start()
+    port = server.getsockname()[1]
+    started = time.monotonic()
+    proc = _cli(SYNTH + ["--base_lr=0.1", "--strategy=tpu", f"--tpu=grpc://127.0.0.1:{port}",
+                         "--tpu_timeout=3", f"--output_dir={tmp_path / 'run'}"], timeout=180)
+    line = _final_error_line(proc, code=2)
+    assert "the TPU did not answer within 3 s (--tpu_timeout)" in line, line
+    assert time.monotonic() - started < 120  # TensorFlow's import included; it hung > 150 s
+    server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.fault("a real full disk (64 KiB tmpfs) under a run")
+def test_a_real_full_disk_is_reported_and_resumed_elsewhere(tmp_path):
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(tiny)],
+                             capture_output=True)
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        out = tiny / "run"
+        proc = _cli(SYNTH + ["--base_lr=0.1", f"--output_dir={out}"], timeout=300)
+        line = _final_error_line(proc, code=1)
+        assert f"could not write {out}/checkpoints/ckpt-4: the disk is full (" in line, line
+        assert "out of memory" not in line
+        assert _yaml(out / "result.yaml")["status"] == "failed"
+        moved = tmp_path / "moved"
+        shutil.copytree(out, moved)
+    finally:
+        subprocess.run(["umount", str(tiny)], capture_output=True)
+    proc = _cli(SYNTH + ["--base_lr=0.1", f"--output_dir={moved}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _yaml(moved / "result.yaml")["status"] == "completed"
