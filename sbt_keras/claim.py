@@ -49,7 +49,7 @@ def _info(what):
 
 
 def _key(directory):
-    return directory.rstrip("/") if results.is_url(directory) else os.path.abspath(directory)
+    return directory.rstrip("/") if results.is_url(directory) else os.path.realpath(directory)
 
 
 def acquire(directory, what="run"):

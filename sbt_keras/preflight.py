@@ -26,12 +26,11 @@ def check_sweep_flags(grid, sweep_workers, seeds):
 
 def claim_output_dir(output_dir, is_sweep, strategy):
     """Claims --output_dir for this command (sbt_keras/claim.py): a single run's chief, a
-    non-distributed sweep, or the parent of --sweep_workers. keras-tuner chief/worker
-    processes share the sweep directory and claim only the trial directories they train."""
-    if distribute.has_tuner_chief():
-        return
-    if not is_sweep and not distribute.is_chief(strategy):
-        return
+    non-distributed sweep, or the parent of --sweep_workers (of a multi_worker cluster, its
+    chief). keras-tuner chief/worker processes share the sweep directory and claim only the
+    trial directories they train."""
+    if distribute.has_tuner_chief() or not distribute.is_chief(strategy):
+        return  # the other workers of a multi_worker cluster write to scratch
     claim.acquire(output_dir, "sweep" if is_sweep else "run")
 
 

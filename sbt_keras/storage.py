@@ -74,8 +74,8 @@ def explain(path, error, writing=True, then=RESUME):
         message = (f"could not write {path}: permission denied ({detail}); make "
                    f"{os.path.dirname(str(path)) or path} writable again, then {then}")
     else:
-        message = (f"could not write {path}: its directory or bucket is gone ({detail}); "
-                   f"restore it, then {then}")
+        message = (f"could not write {path}: its directory or bucket is gone or unreachable "
+                   f"({detail}); restore it, then {then}")
     failure = StorageError(message)
     failure.kind = what
     return failure
@@ -121,6 +121,8 @@ class _Guarded:
         self._where = where
 
     def __getattr__(self, name):
+        if name == "_target":  # not yet set (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self._target, name)
 
 

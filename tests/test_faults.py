@@ -276,8 +276,8 @@ def test_what_a_failed_write_is_called():
     full = tf.errors.ResourceExhaustedError(None, None, "x; No space left on device")
     assert storage.kind(full, writing=False) == "full" and storage.kind(full) == "full"
     gone = tf.errors.NotFoundError(None, None, "bucket gs://b does not exist")
-    assert "its directory or bucket is gone (NotFoundError: bucket gs://b does not exist)" \
-        in str(storage.explain("gs://b/run/history.csv", gone))
+    assert ("its directory or bucket is gone or unreachable (NotFoundError: bucket gs://b "
+            "does not exist)") in str(storage.explain("gs://b/run/history.csv", gone))
     assert storage.kind(OSError(errno.EDQUOT, "quota"), writing=False) == "full"
     assert storage.kind(OSError(errno.ENOENT, "x"), writing=False) is None
 
@@ -314,6 +314,23 @@ def test_an_unreadable_record_is_one_line_naming_the_file(disk_filled, tmp_path,
     assert _steps(out) == [2, 4]  # nothing touched
 
 
+@pytest.mark.bad_input("a damaged history no kept checkpoint can rebuild")
+def test_a_damaged_history_past_every_checkpoint_is_refused_not_retrained(disk_filled,
+                                                                         tmp_path):
+    out = tmp_path / "damaged"
+    shutil.copytree(disk_filled[0], out)
+    history = (out / "history.csv").read_text()
+    (out / "history.csv").write_text(history[:len(history) - 25])
+    for stale in (out / "checkpoints").glob("ckpt-2.*"):
+        stale.unlink()  # only ckpt-4, past the rows left, remains
+    with pytest.raises(DamagedRecord, match=r"history.csv holds 0 epochs, but the only "
+                                            r"readable checkpoints \(ckpt-4, ...\) are past "
+                                            r"them.*restore history.csv from a copy"):
+        train(_cfg(out))
+    assert _steps(out) == [4]  # not retrained from scratch over it
+
+
+@pytest.mark.fault("a garbage result.yaml in one trial of a sweep")
 def test_a_damaged_trial_record_is_a_row_not_a_stopped_sweep(tmp_path):
     trial = tmp_path / "trials" / "m4"
     results.write_yaml(trial / "config.yaml", {"batch_size": 4})
@@ -359,6 +376,7 @@ def test_a_second_process_is_refused_and_a_dead_holders_claim_taken_over(tmp_pat
     assert not (out / claim.CLAIM_FILE).exists()
 
 
+@pytest.mark.fault("an error, Ctrl-C or SIGTERM while holding a directory's claim")
 def test_the_claim_is_released_on_every_exit_path(tmp_path):
     for error in (RuntimeError, KeyboardInterrupt, Preempted):
         with pytest.raises(error):
@@ -368,6 +386,7 @@ def test_the_claim_is_released_on_every_exit_path(tmp_path):
         assert not (tmp_path / "run" / claim.CLAIM_FILE).exists()
 
 
+@pytest.mark.bad_input("a claimed --output_dir on a filesystem without flock")
 def test_without_flock_the_claim_file_decides(tmp_path, monkeypatch):
     import fcntl
 
@@ -393,6 +412,7 @@ def test_without_flock_the_claim_file_decides(tmp_path, monkeypatch):
         claim.acquire(str(out))
 
 
+@pytest.mark.fault("kill -9 of a --sweep_workers parent (its children must stop)")
 def test_children_of_sweep_workers_die_with_their_parent(tmp_path):
     marker = tmp_path / "child_got_sigterm"
     child = ("import signal, sys, time, pathlib; from sbt_keras import children; "
@@ -654,9 +674,9 @@ def test_the_fault_table_counts_recorded_outcomes(tmp_path):
     text = fault_table.table(log)
     assert "**3 faults injected (2 kinds): 1 survived, 1 not run.**" in text
     assert "**1 bad inputs tried (1 kinds): 1 refused with one line.**" in text
-    assert "| disk full | 2 | 1 (1 FAILED) | test_a.py |" in text
-    assert "| kill -9 | 1 | 0 (1 skipped) | test_b.py |" in text
-    assert "| --seed=-1 \\| 2**32 | 1 | 1 | test_b.py |" in text
+    assert "| disk full | 2 | 1 (1 FAILED) | test_a.py::test_x |" in text
+    assert "| kill -9 | 1 | 0 (1 skipped) | test_b.py::test_y |" in text
+    assert "| --seed=-1 \\| 2**32 | 1 | 1 | test_b.py::test_z |" in text
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{fault_table.BEGIN}\nold\n{fault_table.END}\nb\n")
     fault_table.replace_in(readme, text)
@@ -686,7 +706,7 @@ def test_a_real_silent_tpu_address_is_one_line_after_the_timeout(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.fault("a real full disk (64 KiB tmpfs) under a run")
+@pytest.mark.fault("a real full disk (a 200 KiB tmpfs) under a run")
 def test_a_real_full_disk_is_reported_and_resumed_elsewhere(tmp_path):
     tiny = tmp_path / "tiny"
     tiny.mkdir()

@@ -40,7 +40,7 @@ def rows(log, kind):
                                                  "failed": 0, "files": []})
         row["cases"] += 1
         row[{"passed": "passed", "skipped": "skipped"}.get(entry["outcome"], "failed")] += 1
-        name = entry["test"].split("::")[0].rsplit("/", 1)[-1]
+        name = entry["test"].rsplit("/", 1)[-1]  # file.py::test_name
         if name not in row["files"]:
             row["files"].append(name)
     return [(what, r["cases"], r["passed"], r["skipped"], r["failed"], r["files"])
