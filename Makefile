@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CIFAR10_DIR ?= $(abspath ../shared/data/cifar10-subset)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-all demo demo-norms norm-study figure bench clean
+.PHONY: install test test-all demo demo-norms demo-noise norm-study figure bench clean
 
 install: $(STAMP)
 
@@ -46,6 +46,17 @@ demo-norms: $(STAMP)
 	$(PY) -m sbt_keras.run --flagfile=experiments/demo_norms.flags --cifar_dir=$(CIFAR10_DIR) \
 	    --output_dir=runs/demo_norms
 	$(call norm_figures,runs/demo_norms)
+
+# The paper's Section 2 measured (experiments/demo_noise.flags): a sweep recording the
+# gradient noise scale, its figure and table, then update variance and staleness of one trial.
+demo-noise: $(STAMP)
+	$(PY) -m sbt_keras.run --flagfile=experiments/demo_noise.flags --cifar_dir=$(CIFAR10_DIR) \
+	    --output_dir=runs/demo_noise
+	$(PY) -m tools.figures --kind=gns --results=runs/demo_noise
+	$(PY) -m tools.table --results=runs/demo_noise
+	$(PY) -m tools.noise --run=runs/demo_noise/trials/m64_lr-6 --epochs=0,2 --sample=512 \
+	    --batch_sizes=2:256 --draws=400 --staleness_n=1,2,4 --staleness_m=16 \
+	    --staleness_lrs=2^-8,2^-6 --out=runs/demo_noise/noise
 
 norm-study: $(STAMP)
 	$(PY) -m sbt_keras.run --flagfile=experiments/figures/norms.flags $(DATA_FLAGS) \

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import re
+from fractions import Fraction
 from typing import Optional, Tuple
 
 from sbt_keras import data, distribute, models, norms
@@ -29,14 +30,20 @@ GROUPS = ("model", "normalization", "data", "optimization", "schedule", "records
           "execution")
 
 
-def setting(default, help, *, group, choices=None, execution=False, hparam=False):
+_NO_LEGACY = object()
+
+
+def setting(default, help, *, group, choices=None, execution=False, hparam=False,
+            legacy=_NO_LEGACY):
     """A Config field together with everything its flag needs: the one declaration of a
     setting. `execution`: changes how a run executes, not what it computes (a run directory
-    may be resumed with another value). `hparam`: shown in TensorBoard's HParams dashboard."""
+    may be resumed with another value). `hparam`: shown in TensorBoard's HParams dashboard.
+    `legacy`: for a setting added later, what a record written before it existed meant
+    (so an older run directory is compared with the value it really used)."""
     assert group in GROUPS, group
     return dataclasses.field(default=default, metadata=dict(
         help=help, group=group, choices=tuple(choices) if choices else None,
-        execution=execution, hparam=hparam))
+        execution=execution, hparam=hparam, legacy=legacy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +64,8 @@ class Config:
                                  "batch; 0 = the whole per-replica batch (ordinary BN).",
                                  group="normalization", hparam=True)
     bn_momentum: float = setting(0.99, "BN moving-average momentum.", group="normalization")
-    bn_epsilon: float = setting(1e-3, "BN variance epsilon.", group="normalization")
+    bn_epsilon: float = setting(1e-3, "Epsilon added to every normalization's variance.",
+                                group="normalization")
     bn_sync: bool = setting(False, "Synchronized BN: statistics over the whole global batch, "
                             "across replicas (the paper's per-worker BN is the default).",
                             group="normalization", hparam=True)
@@ -65,30 +73,33 @@ class Config:
         "unbiased", "Population variance used at inference: 'unbiased' averages each BN "
         "group's variance times n/(n-1), n = examples x pixels per group (Ioffe & Szegedy "
         "2015); 'biased' averages the groups' biased variances.", group="normalization",
-        choices=norms.MOVING_VARIANCE_CHOICES)
+        choices=norms.MOVING_VARIANCE_CHOICES, legacy="biased")
     gn_groups: int = setting(
         0, "Channel groups of --norm=group; must divide every normalized layer's channels. "
         "0: the model's default (Wu & He's 32 for resnet50; 16 for the CIFAR models, whose "
-        "first stage has 16 channels).", group="normalization")
+        "first stage has 16 channels).", group="normalization", legacy=0)
     renorm_r_max: float = setting(3.0, "--norm=batch_renorm: final clip r_max of "
-                                  "sigma_B/sigma (Ioffe 2017: 3).", group="normalization")
+                                  "sigma_B/sigma (Ioffe 2017: 3).", group="normalization",
+                                  legacy=3.0)
     renorm_d_max: float = setting(5.0, "--norm=batch_renorm: final clip d_max of "
-                                  "(mu_B - mu)/sigma (Ioffe 2017: 5).", group="normalization")
+                                  "(mu_B - mu)/sigma (Ioffe 2017: 5).", group="normalization",
+                                  legacy=5.0)
     renorm_start_step: int = setting(
         -1, "--norm=batch_renorm: r_max = 1 and d_max = 0 up to this step, then linear "
-        "ramps (-1: 5% of all iterations).", group="normalization")
+        "ramps (-1: 5% of all iterations).", group="normalization", legacy=-1)
     renorm_r_end_step: int = setting(
         -1, "--norm=batch_renorm: step at which r_max reaches --renorm_r_max (-1: 40% of "
-        "all iterations).", group="normalization")
+        "all iterations).", group="normalization", legacy=-1)
     renorm_d_end_step: int = setting(
         -1, "--norm=batch_renorm: step at which d_max reaches --renorm_d_max (-1: 25% of "
-        "all iterations).", group="normalization")
+        "all iterations).", group="normalization", legacy=-1)
     mix_norms: Tuple[str, ...] = setting(
         ("batch", "layer"), "--norm=mix: the statistics it mixes, 2 or 3 of batch, instance, "
         "layer (all three with softmax weights: Switchable Normalization).",
-        group="normalization")
+        group="normalization", legacy=("batch", "layer"))
     mix_per_channel: bool = setting(False, "--norm=mix: learn one mixing weight per channel "
-                                    "instead of one per layer.", group="normalization")
+                                    "instead of one per layer.", group="normalization",
+                                    legacy=False)
     # Data.
     dataset: str = setting("cifar10", "Dataset.", group="data", choices=data.DATASETS,
                            hparam=True)
@@ -130,7 +141,8 @@ class Config:
         "(5e-4 for alexnet_reduced, 1e-4 for the ResNets).", group="optimization",
         hparam=True)
     weight_decay_on: str = setting("kernels", "Decay conv/dense kernels only, or all "
-                                   "trainable variables.", group="optimization",
+                                   "trainable variables but --norm=mix's mixing logits.",
+                                   group="optimization",
                                    choices=models.DECAY_SCOPES)
     epochs: int = setting(82, "Training epochs.", group="schedule", hparam=True)
     lr_decay_fractions: Tuple[float, ...] = setting(
@@ -158,7 +170,16 @@ class Config:
     keep_checkpoint_every_epochs: int = setting(
         0, "Also keep the initial weights and every K-th epoch end as checkpoints of their "
         "own (checkpoints/epochs/), for warm starts, interpolation and the instruments "
-        "(0 = only the newest 3 rolling checkpoints).", group="records", execution=True)
+        "(0 = only the newest 3 rolling checkpoints).", group="records", execution=True,
+        legacy=0)
+    gns_every_steps: int = setting(
+        0, "Measure the gradient noise scale B_simple = tr(Sigma)/|G|^2 (McCandlish et al. "
+        "2018) every K steps (0 = never): from each replica's gradient with 2+ replicas, "
+        "else from the batch's two halves (one extra forward and backward pass). Never "
+        "changes training.", group="records", legacy=0)
+    gns_ema: float = setting(0.99, "Decay of the separate moving averages of |G|^2 and "
+                             "tr(Sigma) before their ratio, in (0, 1).", group="records",
+                             legacy=0.99)
     eval_batch_size: int = setting(512, "Test-set batch size, a power of two so that any "
                                    "replica count divides it; the last batch is padded "
                                    "(padding not counted).", group="records", execution=True)
@@ -166,6 +187,34 @@ class Config:
                                   "(0 = never).", group="records", execution=True)
     output_dir: str = setting("runs/default", "Where the run's records go.", group="records",
                               execution=True)
+    # Sharp-minima instruments (Keskar et al. 2017; docs/sharp_minima.md).
+    train_eval_examples: int = setting(
+        4096, "After the last epoch, evaluate the final network in inference mode on this "
+        "many un-augmented training examples (a fixed sample, seed 0; the whole training set "
+        "when it has fewer; 0 = all): result.yaml's train_eval_accuracy, train_eval_loss and "
+        "generalization_gap.", group="records")
+    sharpness: str = setting(
+        "none", "'final': measure the epsilon-sharpness of the final network (history.csv, "
+        "TensorBoard train/sharpness, result.yaml).", group="records",
+        choices=("none", "final"))
+    sharpness_every: int = setting(
+        0, "Also measure the epsilon-sharpness at every K-th epoch end (0 = never).",
+        group="records")
+    sharpness_epsilons: Tuple[float, ...] = setting(
+        (1e-3, 5e-4), "Box sizes epsilon; training measures the first (python -m "
+        "tools.sharpness measures all of them).", group="records")
+    sharpness_p: int = setting(
+        100, "Random subspace dimension of the sharpness box; 0 = the full parameter "
+        "space.", group="records")
+    sharpness_sample: int = setting(
+        1024, "Training examples the sharpness is measured on (a fixed sample, seed 0; the "
+        "whole training set when it has fewer; 0 = all).", group="records")
+    sharpness_maxiter: int = setting(10, "L-BFGS-B iterations of each sharpness search.",
+                                     group="records")
+    init_from: str = setting(
+        "", "Warm start: RUN_DIR[:EPOCH] whose network weights and BN moving statistics "
+        "(at the end of EPOCH; default its newest checkpoint) this run starts from, with a "
+        "fresh optimizer and schedule.", group="records")
     # Execution.
     seed: int = setting(0, "Seed for initialization, data order and augmentation.",
                         group="execution", hparam=True)
@@ -298,7 +347,16 @@ class Config:
                               f">= 0")
         norm_resolved = _check_norm_options(c, info.num_train // c.batch_size * c.epochs)
         steps_per_execution = _steps_per_execution(
-            c.steps_per_execution, info.num_train // c.batch_size, c.checkpoint_every_steps)
+            c.steps_per_execution, info.num_train // c.batch_size, c.checkpoint_every_steps,
+            c.gns_every_steps)
+        if c.gns_every_steps < 0:
+            raise ConfigError(f"--gns_every_steps={c.gns_every_steps} must be >= 1 (or 0: "
+                              f"never measure)")
+        if not 0 < c.gns_ema < 1:
+            raise ConfigError(f"--gns_ema={c.gns_ema} must be in (0, 1)")
+        if c.gns_every_steps and c.bn_sync:
+            raise ConfigError("--gns_every_steps needs each replica's gradient to be its own "
+                              "examples'; with --bn_sync it is not: drop one of them")
         if c.keep_checkpoint_every_epochs < 0:
             raise ConfigError(f"--keep_checkpoint_every_epochs={c.keep_checkpoint_every_epochs}"
                               f" must be >= 0 (0: keep only the newest checkpoints)")
@@ -306,6 +364,25 @@ class Config:
             raise ConfigError(f"--histogram_freq={c.histogram_freq} must be >= 0")
         if not c.output_dir:
             raise ConfigError("--output_dir is empty; give a directory for the run's records")
+        if c.train_eval_examples < 0:
+            raise ConfigError(f"--train_eval_examples={c.train_eval_examples} must be >= 0 "
+                              f"(0: the whole training set)")
+        if c.sharpness_every < 0:
+            raise ConfigError(f"--sharpness_every={c.sharpness_every} must be >= 0 (0: never)")
+        if not c.sharpness_epsilons or any(not (math.isfinite(e) and e > 0)
+                                           for e in c.sharpness_epsilons):
+            raise ConfigError(f"--sharpness_epsilons={','.join(map(str, c.sharpness_epsilons))}"
+                              f" must be positive box sizes, e.g. 1e-3,5e-4")
+        if c.sharpness_p < 0:
+            raise ConfigError(f"--sharpness_p={c.sharpness_p} must be >= 0 (0: the full space)")
+        if c.sharpness_sample < 0:
+            raise ConfigError(f"--sharpness_sample={c.sharpness_sample} must be >= 0 (0: the "
+                              f"whole training set)")
+        if c.sharpness_maxiter < 1:
+            raise ConfigError(f"--sharpness_maxiter={c.sharpness_maxiter} must be >= 1")
+        if c.init_from:  # reads the source's config.yaml and checkpoint list (no TensorFlow)
+            from sbt_keras.training import warm_start
+            warm_start.check_source(c, info)
         return dataclasses.replace(
             c, base_lr=float(base_lr), log2_base_lr=math.log2(base_lr),
             weight_decay=float(weight_decay),
@@ -344,24 +421,42 @@ class Config:
                               f"the {num_replicas} replicas of --strategy={self.strategy}; "
                               f"use a multiple of {num_replicas}")
         per_replica = self.batch_size // num_replicas
-        if self.bn_sync:
-            return self.batch_size
-        bn_batch_size = self.bn_batch_size or per_replica
-        if per_replica % bn_batch_size:
+        bn_batch_size = self.batch_size if self.bn_sync else (self.bn_batch_size
+                                                              or per_replica)
+        if per_replica % bn_batch_size and not self.bn_sync:
             raise ConfigError(f"--bn_batch_size={self.bn_batch_size} does not divide the "
                               f"per-replica batch {per_replica} (= --batch_size "
                               f"{self.batch_size} / {num_replicas} replicas); choose a "
                               f"divisor of {per_replica}")
-        if (bn_batch_size == 1 and self.norm in ("batch", "batch_renorm")
-                and self.norm_dense and models.spec(self.model).norm_dense_layers):
-            # A dense activation has one value per example and channel: its batch variance
-            # over one example is 0, so the layer outputs beta and passes no gradient.
-            raise ConfigError(
-                f"--norm={self.norm} over BN groups of 1 example normalizes each dense "
-                f"unit over a single value (variance 0: the output is constant and training "
-                f"stops silently); use --norm=layer|group|mix, a larger --bn_batch_size, or "
-                f"--nonorm_dense")
+        self._check_bn_over_one_value(bn_batch_size)
+        if self.gns_every_steps and num_replicas == 1:
+            from sbt_keras.gradient_noise import check_split
+            try:  # one device: the noise is measured on the batch's two halves
+                check_split(self.batch_size, bn_batch_size
+                            if norms.uses_batch_statistics(self.norm, self.mix_norms) else None)
+            except ValueError as error:
+                raise ConfigError(f"--gns_every_steps on one device: {error}") from None
         return bn_batch_size
+
+    def _check_bn_over_one_value(self, bn_batch_size):
+        """Refuses batch statistics over a single value: a dense unit over one example, or
+        a conv channel over one example whose deepest normalized layer is 1x1 pixels. Its
+        variance is 0, so the layer outputs beta, passes no gradient, and training stops
+        without an error."""
+        if bn_batch_size != 1 or self.norm not in ("batch", "batch_renorm"):
+            return
+        spec = models.spec(self.model)
+        where = None
+        if self.norm_dense and spec.norm_dense_layers:
+            where = "each dense unit"
+        elif spec.smallest_norm_side(self.data_info().image_shape[0]) == 1:
+            where = f"the 1x1-pixel channels of {self.model}'s deepest layers"
+        if where:
+            raise ConfigError(
+                f"--norm={self.norm} over BN groups of 1 example normalizes {where} over a "
+                f"single value (variance 0: the output is constant and training stops "
+                f"silently); use --norm=layer|group|mix, a larger --bn_batch_size, or "
+                f"--nonorm_dense")
 
     # ------------------------------------------------------------------ records
     def to_dict(self) -> dict:
@@ -385,6 +480,9 @@ class Config:
 # Normalization options beyond BN's own, passed to the layers under these same names.
 NEW_NORM_OPTIONS = ("gn_groups", "renorm_r_max", "renorm_d_max", "renorm_start_step",
                     "renorm_r_end_step", "renorm_d_end_step", "mix_norms", "mix_per_channel")
+# Config names of BN's settings -> the normalization layers' option names.
+BN_OPTION_NAMES = {"bn_momentum": "momentum", "bn_epsilon": "epsilon",
+                   "bn_moving_variance": "moving_variance"}
 # -1 renorm steps: Ioffe's (2017) 5k / 40k / 25k steps as fractions of the run.
 RENORM_STEP_FRACTIONS = {"renorm_start_step": 0.05, "renorm_r_end_step": 0.40,
                          "renorm_d_end_step": 0.25}
@@ -395,17 +493,23 @@ def _check_norm_options(c, total_steps):
     values of those that have defaults depending on them (gn_groups, the renorm steps)."""
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     read = set(norms.NORM_OPTIONS.get(c.norm, ()))
-    for name in NEW_NORM_OPTIONS:
-        if getattr(c, name) != defaults[name] and name not in read:
+    if c.norm == "mix" and "batch" not in c.mix_norms:
+        read -= {"momentum", "moving_variance"}  # no batch component: no moving statistics
+    for name in NEW_NORM_OPTIONS + tuple(BN_OPTION_NAMES):
+        if getattr(c, name) != defaults[name] and BN_OPTION_NAMES.get(name, name) not in read:
             raise ConfigError(f"--{name} does not apply to --norm={c.norm}; drop it")
     spec = models.spec(c.model)
     if c.gn_groups < 0:
         raise ConfigError(f"--gn_groups={c.gn_groups} must be >= 1 (or 0: the model's)")
     # Only the options --norm reads get resolved values: the others stay at their defaults,
     # so resolving a resolved Config changes nothing.
+    for name in RENORM_STEP_FRACTIONS:
+        if getattr(c, name) < -1:
+            raise ConfigError(f"--{name}={getattr(c, name)} must be a step >= 0, or -1 for "
+                              f"the default fraction of the run")
     resolved = {"gn_groups": c.gn_groups or spec.gn_groups,
                 **{name: getattr(c, name) if getattr(c, name) >= 0
-                   else int(fraction * total_steps)
+                   else steps_at(fraction, total_steps)
                    for name, fraction in RENORM_STEP_FRACTIONS.items()}}
     try:
         resolved["mix_norms"] = norms.mix_components(c.mix_norms)
@@ -433,6 +537,12 @@ def fields_where(key):
     return frozenset(f.name for f in dataclasses.fields(Config) if f.metadata[key])
 
 
+def legacy_values():
+    """{field: the value a record written before the field existed meant}."""
+    return {f.name: list(f.metadata["legacy"]) if isinstance(f.metadata["legacy"], tuple)
+            else f.metadata["legacy"]
+            for f in dataclasses.fields(Config) if f.metadata["legacy"] is not _NO_LEGACY}
+
 # Settings that change how a run executes but not what it computes: an output_dir may be
 # resumed with other values of these, and a sweep ignores them when comparing settings.
 EXECUTION_FIELDS = fields_where("execution")
@@ -449,11 +559,12 @@ def hparams_of(cfg: Config, bn_batch_size: int) -> dict:
 MAX_AUTO_STEPS_PER_EXECUTION = 32
 
 
-def _steps_per_execution(requested, steps_per_epoch, checkpoint_every):
+def _steps_per_execution(requested, steps_per_epoch, checkpoint_every, noise_every=0):
     """Keras runs whole blocks of steps: a block must not cross an epoch end or a
-    checkpoint, so it must divide both. 0 picks the largest such block up to 32 (fewer
-    host round trips; batch-level checks then run once per block)."""
-    period = math.gcd(steps_per_epoch, checkpoint_every) if checkpoint_every else steps_per_epoch
+    checkpoint, and a gradient-noise measurement ends a block, so it must divide all three.
+    0 picks the largest such block up to 32 (fewer host round trips; batch-level checks
+    then run once per block)."""
+    period = math.gcd(steps_per_epoch, checkpoint_every, noise_every)
     if requested == 0:
         return largest_divisor(period, MAX_AUTO_STEPS_PER_EXECUTION)
     if requested < 0:
@@ -464,6 +575,9 @@ def _steps_per_execution(requested, steps_per_epoch, checkpoint_every):
     if checkpoint_every % requested:
         raise ConfigError(f"--steps_per_execution={requested} does not divide "
                           f"--checkpoint_every_steps={checkpoint_every}; use a divisor")
+    if noise_every % requested:
+        raise ConfigError(f"--steps_per_execution={requested} does not divide "
+                          f"--gns_every_steps={noise_every}; use a divisor")
     return requested
 
 
@@ -474,6 +588,17 @@ def _unrolled_steps(requested, steps_per_execution):
     if requested < 1:
         raise ConfigError(f"--unrolled_steps={requested} must be >= 1 (1: no unrolling)")
     return largest_divisor(steps_per_execution, requested)
+
+
+def steps_at(fraction, total_steps):
+    """floor(fraction * total_steps + 1/2): a fraction of all iterations, halves rounded up.
+
+    Computed exactly, with `fraction` read as the decimal it prints as (0.29, not the
+    binary 0.28999...), so neither float error nor Python's round-half-to-even moves
+    a step: 0.5 of 1001 steps is 501, 0.29 of 50 is 15.
+    """
+    exact = Fraction(repr(float(fraction))) * int(total_steps)
+    return math.floor(exact + Fraction(1, 2))
 
 
 def largest_divisor(n, at_most):

@@ -141,8 +141,9 @@ def _tpu_strategy(tf, tpu, timeout):
                           f"or raise --tpu_timeout")
     e = outcome.get("error")
     if isinstance(e, (ValueError, OSError, ImportError, tf.errors.OpError)):
-        raise ConfigError(f"--tpu={tpu}: no TPU could be reached ({first_line(e)}); on a TPU VM use "
-                          f"--tpu=local, else the TPU's name or grpc://ADDRESS:8470") from None
+        raise ConfigError(f"--tpu={tpu}: no TPU could be reached ({first_line(e)}); on a TPU "
+                          f"VM use --tpu=local, else the TPU's name or grpc://ADDRESS:8470"
+                          ) from None
     if e is not None:
         raise e
     return tf.distribute.TPUStrategy(outcome["resolver"])
@@ -154,14 +155,16 @@ TUNER_ENV = ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER
 
 
 def has_tuner_chief():
-    """Whether this process is part of a keras-tuner chief/worker sweep; ConfigError if
-    the environment sets only some of the variables."""
-    present = [name for name in TUNER_ENV if name in os.environ]
-    if present and len(present) < len(TUNER_ENV):
-        missing = sorted(set(TUNER_ENV) - set(present))
-        raise ConfigError(f"{present[0]} is set but {', '.join(missing)} is not; a "
+    """Whether this process is part of a keras-tuner chief/worker sweep, which (as in
+    keras-tuner) KERASTUNER_ORACLE_IP decides; ConfigError if it is set without the
+    other two variables."""
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return False
+    missing = [name for name in TUNER_ENV if name not in os.environ]
+    if missing:
+        raise ConfigError(f"KERASTUNER_ORACLE_IP is set but {', '.join(missing)} is not; a "
                           f"distributed sweep needs all of {', '.join(TUNER_ENV)}")
-    return bool(present)
+    return True
 
 
 def is_tuner_chief():

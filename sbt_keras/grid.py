@@ -11,7 +11,7 @@ import math
 import os
 
 from sbt_keras import norms, results
-from sbt_keras.config import NEW_NORM_OPTIONS, Config
+from sbt_keras.config import BN_OPTION_NAMES, NEW_NORM_OPTIONS, Config
 from sbt_keras.errors import ConfigError
 
 # Swept Config fields in keras-tuner's order (the last varies fastest), and how a range of
@@ -208,7 +208,9 @@ def point_config(base: Config, point: Point, output_dir: str) -> Config:
         # read keep their defaults in its config, so each trial records only what it used.
         read = norms.NORM_OPTIONS[values["norm"]]
         defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-        values.update({name: defaults[name] for name in NEW_NORM_OPTIONS if name not in read})
+        values.update({name: defaults[name]
+                       for name in NEW_NORM_OPTIONS + tuple(BN_OPTION_NAMES)
+                       if BN_OPTION_NAMES.get(name, name) not in read})
     return dataclasses.replace(base, output_dir=output_dir, **values).resolve()
 
 

@@ -86,29 +86,13 @@ def mix_components(mix_norms):
     given = tuple(mix_norms)
     unknown = [c for c in given if c not in MIX_COMPONENTS]
     if unknown:
-        raise ValueError(f"mix_norms={given}: unknown component(s) {unknown}; choose 2 or 3 "
+        raise ValueError(f"mix_norms={','.join(given)}: unknown component(s) "
+                         f"{', '.join(unknown)}; choose 2 or 3 "
                          f"of {', '.join(MIX_COMPONENTS)}")
     if len(set(given)) != len(given) or not 2 <= len(given) <= 3:
-        raise ValueError(f"mix_norms={given}: give 2 or 3 different components of "
+        raise ValueError(f"mix_norms={','.join(given)}: give 2 or 3 different components of "
                          f"{', '.join(MIX_COMPONENTS)}")
     return tuple(c for c in MIX_COMPONENTS if c in given)
-
-
-def renorm_limits(step, *, r_max, d_max, start_step, r_end_step, d_end_step):
-    """The clipping limits (r_max, d_max) of batch renormalization at a training step.
-
-    r_max is 1 up to `start_step`, then grows linearly to `r_max` at `r_end_step`; d_max is
-    0 up to `start_step`, then grows linearly to `d_max` at `d_end_step`; both stay at
-    their final values afterwards. Pure Python; the layer computes the same in TF.
-    """
-    def ramp(start_value, end_value, end_step):
-        if step <= start_step:
-            return float(start_value)
-        if step >= end_step:
-            return float(end_value)
-        return start_value + (end_value - start_value) * (step - start_step) / (
-            end_step - start_step)
-    return ramp(1.0, r_max, r_end_step), ramp(0.0, d_max, d_end_step)
 
 
 def _is_int(value):

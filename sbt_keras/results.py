@@ -193,6 +193,8 @@ def summarize(rows, cfg, num_classes, diverged_at_step=None, session=None, worke
         "base_lr": cfg.base_lr,
         "log2_base_lr": cfg.log2_base_lr,
     }
+    if is_finite(last.get("sharpness")):  # the final network's (--sharpness=final)
+        result["sharpness"] = last["sharpness"]
     if diverged:
         result["diverged_at_step"] = diverged_at_step or last.get("step")
     if session is not None:

@@ -182,13 +182,15 @@ def epsilon_sharpness(f_and_grad, x, *, epsilon=DEFAULT_EPSILONS[0], A=None,
 
 def measure_sharpness(model, images, labels, *, epsilons=DEFAULT_EPSILONS, p=None,
                       seed=0, sample_size=None, maxiter=DEFAULT_MAXITER,
-                      max_evaluations=None, chunk_size=256, loss_fn=None, strategy=None):
+                      max_evaluations=None, chunk_size=256, loss_fn=None, strategy=None,
+                      on_evaluation=None):
     """phi of a Keras model at its current weights, one SharpnessResult per epsilon.
 
     p: None for the full space, else the dimension of a random subspace (A from
     `random_subspace(n, p, seed)`). sample_size: N examples drawn with `choose_sample`
-    (all when None). The model's weights are restored afterwards. See `FlatLoss` for
-    chunk_size, loss_fn and strategy.
+    (all when None). on_evaluation: None, or `on_evaluation(epsilon, f)` called after every
+    loss-and-gradient evaluation (progress reports). The model's weights are restored
+    afterwards. See `FlatLoss` for chunk_size, loss_fn and strategy.
     """
     for epsilon in epsilons:
         _check_epsilon(epsilon)
@@ -196,10 +198,23 @@ def measure_sharpness(model, images, labels, *, epsilons=DEFAULT_EPSILONS, p=Non
     with FlatLoss(model, images, labels, loss_fn=loss_fn, chunk_size=chunk_size,
                   strategy=strategy) as loss:
         A = None if p is None else random_subspace(loss.size, p, seed)
-        return [epsilon_sharpness(loss.value_and_grad, loss.x0, epsilon=epsilon, A=A,
-                                  maxiter=maxiter, max_evaluations=max_evaluations,
-                                  seed=seed, p=p)
+        return [epsilon_sharpness(_reported(loss.value_and_grad, on_evaluation, epsilon),
+                                  loss.x0, epsilon=epsilon, A=A, maxiter=maxiter,
+                                  max_evaluations=max_evaluations, seed=seed, p=p)
                 for epsilon in epsilons]
+
+
+def _reported(f_and_grad, on_evaluation, epsilon):
+    """`f_and_grad`, calling `on_evaluation(epsilon, f)` after each evaluation."""
+    if on_evaluation is None:
+        return f_and_grad
+
+    def reported(x):
+        value, grad = f_and_grad(x)
+        on_evaluation(epsilon, value)
+        return value, grad
+
+    return reported
 
 
 def sharpness_cost(num_examples, *, epsilons=DEFAULT_EPSILONS, p=None,

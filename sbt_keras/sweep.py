@@ -32,7 +32,7 @@ from sbt_keras import results
 from sbt_keras import children, sweep_faults
 from sbt_keras.config import Config
 from sbt_keras.errors import ConfigError, DamagedRecord, first_line
-from sbt_keras.config import EXECUTION_FIELDS
+from sbt_keras.config import EXECUTION_FIELDS, legacy_values
 from sbt_keras.train import train
 
 SWEEP_FILE = results.SWEEP_FILE  # its presence marks a sweep directory
@@ -40,9 +40,12 @@ RESULTS_STEM = "results"
 TRIALS_DIR = "trials"
 OBJECTIVE = "test_accuracy"
 RESULT_COLUMNS = ("trial", "norm", "batch_size", "log2_base_lr", "base_lr", "bn_batch_size",
-                  "epochs", "seed", "status", "test_accuracy", "best_test_accuracy", "final_train_loss",
-                  "epochs_completed", "steps", "wall_seconds", "alpha_batch_mean", "trial_dir",
-                  "reason")
+                  "epochs", "seed", "status", "test_accuracy", "best_test_accuracy",
+                  "final_train_loss", "epochs_completed", "steps", "wall_seconds",
+                  # the instruments: docs/normalization.md, gradient_noise.md, sharp_minima.md
+                  "alpha_batch_mean", "gns_b_simple", "gns_b_simple_mean",
+                  "final_test_accuracy", "train_eval_accuracy", "train_eval_loss",
+                  "generalization_gap", "sharpness", "trial_dir", "reason")
 
 
 def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
@@ -201,7 +204,10 @@ def _check_sweep_dir(base, grid, skipped):
                           f"another --output_dir")
     if results.exists(path):
         stored = results.read_yaml(path) or {}
-        _refuse_other_settings(out, stored.get("base", {}), mine)
+        theirs = stored.get("base", {})
+        # A setting added since that sweep ran: it ran with the setting's legacy value.
+        theirs = {**{k: v for k, v in legacy_values().items() if k in mine}, **theirs}
+        _refuse_other_settings(out, theirs, mine)
         union = _union_grid(out, stored.get("grid") or {}, union)
         # Earlier points skipped by a smaller grid stay listed after an extension.
         skipped_rows = {**(stored.get("skipped") or {}), **skipped_rows}

@@ -16,10 +16,11 @@ import time
 
 from absl import logging
 
-from sbt_keras import memory, results
+from sbt_keras import memory, models, results
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
-from sbt_keras.training import norm_records, resume, snapshot
+from sbt_keras.training import (noise_records, norm_records, resume, sharpness_callback,
+                                snapshot, train_eval, warm_start)
 from sbt_keras import claim, storage
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
@@ -85,12 +86,15 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         # -------------------------------------------------------------- Resume
         metric_variables = [v for m in model.metrics for v in m.variables]
         divergence = callbacks.DivergenceStop(cfg.divergence_factor)
+        noise = [noise_records.NoiseRecorder(cfg.gns_ema)] if cfg.gns_every_steps else []
         history = read_history(out)
         checkpoint, manager, plan = resume.open_checkpoints(
-            model, dict(metrics=metric_variables, divergence_reference=divergence.reference),
+            model, dict(metrics=metric_variables, divergence_reference=divergence.reference,
+                        noise=[n.state for n in noise]),
             restore_from=run_dir, save_to=out, cfg=cfg, steps_per_epoch=steps_per_epoch,
             history_rows=len(history))
         start_step = plan.start_step
+        warm_start.apply(cfg, network, start_step)  # --init_from, on a fresh start only
         if start_step:
             logging.info("Resuming %s at epoch %d, step %d.", out, plan.initial_epoch,
                          start_step)
@@ -105,7 +109,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             history=history[:plan.history_rows],
             hparams=hparams_of(cfg, bn_batch_size) if start_step == 0 else None,
             histogram_freq=cfg.histogram_freq, network=network,
-            probes=[functools.partial(norm_records.mixing_weights, network)])
+            probes=[lambda logs: norm_records.mixing_weights(network),
+                    *(n.epoch_values for n in noise), sharpness_callback.probe(cfg)])
         restore_metrics = callbacks.RestoreMetrics(
             metric_variables, [v.numpy() for v in metric_variables] if plan.mid_epoch else None)
         snapshots = [callbacks.EpochSnapshots(
@@ -116,6 +121,9 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         with callbacks.Preemption() as preemption:
             checkpointer = callbacks.Checkpointer(manager, divergence, preemption,
                                                   steps_per_epoch, cfg.checkpoint_every_steps)
+            # Before the recorder: a measured epoch's row and checkpoint carry the value.
+            measures = sharpness_callback.for_run(cfg, network, divergence, preemption,
+                                                  strategy)
             for phase in plan.phases:
                 if divergence.diverged:
                     break
@@ -126,7 +134,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                           steps_per_epoch=steps_per_epoch - phase.skip,
                           validation_data=test_ds, validation_steps=eval_steps,
                           verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
-                          callbacks=[restore_metrics, divergence, recorder,
+                          callbacks=[restore_metrics, divergence, *noise, *measures, recorder,
                                      callbacks.EpochLog(cfg.epochs), checkpointer,
                                      *snapshots, *extra_callbacks])
         session_steps = int(model.optimizer.iterations.numpy()) - start_step
@@ -136,10 +144,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             recorder.rows, cfg, info.num_classes, divergence.diverged_at_step,
             session=(session_steps * cfg.batch_size, time.monotonic() - started),
             worker=os.environ.get("KERASTUNER_TUNER_ID"))  # which sweep worker ran it
-        if norm_records.mix_layers(network):
-            result["mixing_weights"] = norm_records.final_mixing_weights(network)
-            result[norm_records.MEAN_KEY] = norm_records.mixing_weights(network).get(
-                norm_records.MEAN_KEY)
+        result.update(**noise_records.summary(recorder.rows), **norm_records.summary(network),
+                      **train_eval.final_training_set_metrics(cfg, model, result))
         recorder.write_final("median_test_accuracy", result["test_accuracy"],
                              result["epochs_completed"])
     results.write_yaml(os.path.join(out, results.RESULT_FILE), result)
@@ -198,6 +204,7 @@ def derived_settings(cfg, info, replicas, bn_batch_size, schedule):
         "num_classes": info.num_classes, "image_shape": list(info.image_shape),
         "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * cfg.epochs,
         "lr_decay_steps": list(schedule.boundaries), "warmup_steps": schedule.warmup_steps,
+        "model_revision": models.spec(cfg.model).revision,
     }
 
 

@@ -18,6 +18,11 @@ Keras 3 (`sbt_keras/training/summed_sgd.py`, `SummedGradientModel`):
   strategies (keras-team/keras#19246).
 - Attributes read: `steps_per_execution`, `jit_compile`, `distribute_strategy`,
   `train_function`, `test_function` (set by `compile` / `make_*_function`).
+- `fit` hands the epoch's iterator to `_maybe_symbolic_build` before the first step, and
+  `SummedGradientModel` reads its `num_batches`
+  (`keras.src.trainers.epoch_iterator.EpochIterator`) there to refuse an epoch that is not
+  whole blocks of `steps_per_execution` (the train function always runs a whole block). No
+  public hook sees the epoch's step count before training starts.
 
 keras-tuner 1.4 (`sbt_keras/sweep.py`):
 - `GridSearchOracle._ordered_ids` (a `LinkedList`, read through `_memory` and
@@ -54,6 +59,7 @@ TUNER_METHODS = (
     ("keras_tuner.Tuner", "_get_tuner_fname", ()),
     ("keras_tuner.Tuner", "_is_worker", ()),
 )
+EPOCH_ITERATOR = ("keras.src.trainers.epoch_iterator.EpochIterator", "num_batches")
 GRID_ORACLE_ATTRIBUTES = ("_ordered_ids", "_populate_next")
 ORACLE_RETRY_ATTRIBUTES = ("_retry_queue", "_run_times")
 LINKED_LIST_ATTRIBUTES = ("_memory", "_next_index")

@@ -1,6 +1,7 @@
 """The benchmark tool: its FLOP count against hand counts and published numbers, and a 2-step
 smoke run whose derived columns are checked against hand-computed values."""
 import keras
+import numpy as np
 import pytest
 
 from tools import bench
@@ -99,3 +100,25 @@ def test_bad_unrolled_steps_is_refused_before_measuring():
                           cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "unrolled_steps" in proc.stderr and "not a positive integer" in proc.stderr, proc.stderr[-500:]
+
+
+def test_the_step_measuring_gradient_noise_is_timed_where_the_halves_keep_bn_groups():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "_network", lambda *args: _tiny())
+        patch.setattr(bench, "matmul_peak_flops", lambda: PEAK)
+        rows, _ = bench.run(["resnet8"], ["batch"], [4], bn_batch_size=2, steps=2,
+                            repeats=1, baselines=(), input_pipeline=False, shape=(8, 8, 3),
+                            gns=2)
+    assert rows[0]["gns_ms"] > 0
+    assert bench._splits("batch", 4, 2) and not bench._splits("batch", 4, 0)
+    assert bench._splits("layer", 4, 0) and not bench._splits("none", 3, 0)
+
+
+def test_the_sharpness_cost_is_timed_outside_training():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "_network", lambda *args: _tiny())
+        rows = bench.sharpness_costs(["resnet8"], 16, shape=(8, 8, 3), repeats=1)
+    (row,) = rows
+    assert row["params"] == sum(int(np.prod(v.shape)) for v in _tiny().trainable_variables)
+    assert row["eval_s"] > 0 and row["search_bound_s"] == row["eval_s"] * 51  # 5 x 10 + 1
+    assert "| resnet8 |" in bench.sharpness_markdown(rows)

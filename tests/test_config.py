@@ -230,7 +230,7 @@ def test_every_experiment_flagfile_parses_and_resolves(tmp_path):
     for path in files:
         # Flagfiles carry no learning rate when the figure sweeps it.
         cfg = parse([f"--flagfile={path}", "--log2_base_lr=-7", "--dataset=synthetic",
-                     "--synthetic_train=4096"])
+                     "--synthetic_train=8192"])  # above every --train_examples
         cfg.resolve()
 
 

@@ -2,6 +2,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from sbt_keras import models
 from sbt_keras.errors import ConfigError
@@ -310,3 +311,30 @@ def test_mixed_precision_keeps_float32_logits():
     finally:
         keras.config.set_dtype_policy(previous)
     assert logits.dtype == "float32" and np.all(np.isfinite(logits.numpy()))
+
+
+# Every normalization in every model; instance statistics need spatial inputs, so AlexNet
+# leaves its dense layers unnormalized with those.
+NEW_NORMS = ("batch_renorm", "group", "instance", "layer", "mix")
+
+
+# resnet20/32 share resnet8's builder; ResNet-50 takes seconds to build: those run in
+# `make test-all`.
+@pytest.mark.parametrize("name", [n if n in ("alexnet_reduced", "resnet8")
+                                  else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in models.MODELS])
+@pytest.mark.parametrize("norm", NEW_NORMS)
+def test_every_norm_builds_and_trains_in_every_model(name, norm):
+    side = 32 if name == "resnet50" else 8  # ResNet-50 downsamples 32x
+    keras.utils.set_random_seed(0)
+    model = models.build(name, norm=norm, input_shape=(side, side, 3), num_classes=5,
+                         norm_dense=norm != "instance", bn_batch_size=2,
+                         gn_groups=models.spec(name).gn_groups)
+    x = np.random.default_rng(2).normal(size=(4, side, side, 3)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        loss = tf.reduce_sum(logits ** 2)
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert logits.shape == (4, 5) and np.all(np.isfinite(logits.numpy()))
+    assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
+    assert np.all(np.isfinite(model(x, training=False).numpy()))

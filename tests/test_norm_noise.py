@@ -32,12 +32,12 @@ def test_iid_gaussian_dense_values_follow_2_over_n_minus_1():
     assert m.kind == "dense" and m.pixels == 1
     for n in (2, 4, 16, 64):
         got = m.batch_errors(n)
-        theory = norm_noise.gaussian_variance_error(n)
+        theory = 2.0 / (n - 1)  # Gaussian: Var[s^2]/sigma^4 of the unbiased variance
         # Monte-Carlo: within 4 standard errors (over independent groups) and 10 %.
         assert abs(got["var_err"] - theory) < 4 * got["var_err_stderr"], (n, got)
         assert got["var_err"] == pytest.approx(theory, rel=0.1)
-        assert got["var_err_biased"] == pytest.approx(
-            norm_noise.gaussian_biased_variance_error(n), rel=0.1)
+        # biased s^2 = (n-1)/n * unbiased: bias^2 1/n^2 + variance 2(n-1)/n^2
+        assert got["var_err_biased"] == pytest.approx((2 * n - 1) / n ** 2, rel=0.1)
         assert got["mean_err"] == pytest.approx(1.0 / n, rel=0.1)
         assert got["samples"] == (4096 // n) * 32
     # One value per group: no unbiased variance; the biased one is 0, error exactly 1.

@@ -155,3 +155,59 @@ def test_the_three_norm_figures_draw_from_the_sweep(norm_sweep):
     mix_row = [r for r in rows if r["norm"] == "mix"][0]
     assert m == 8 and len(layers) == 7
     assert mean == pytest.approx(mix_row["alpha_batch_mean"], rel=1e-9)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(model="resnet50", image_size=32, bn_batch_size=1, batch_size=2, epochs=1),
+     ["the 1x1-pixel channels of resnet50's deepest layers"]),
+    (dict(model="alexnet_reduced", norm="batch", bn_sync=True, batch_size=1),
+     ["over BN groups of 1 example"]),
+    (dict(norm="layer", bn_momentum=0.9), ["--bn_momentum does not apply to --norm=layer"]),
+    (dict(norm="none", bn_epsilon=1e-5), ["--bn_epsilon does not apply to --norm=none"]),
+    (dict(norm="group", bn_moving_variance="biased"), ["--bn_moving_variance does not apply"]),
+    (dict(norm="mix", mix_norms=("layer", "instance"), bn_momentum=0.9),
+     ["--bn_momentum does not apply to --norm=mix"]),
+    (dict(norm="batch_renorm", renorm_start_step=-7), ["--renorm_start_step=-7 must be a step"]),
+])
+def test_more_inapplicable_and_degenerate_settings(overrides, words):
+    with pytest.raises(ConfigError) as caught:
+        _config(**{**dict(dataset="synthetic"), **overrides}).resolve().check_replicas(1)
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_renorm_default_steps_round_half_up():
+    # 4 steps per epoch; (5%, 40%, 25%) of 40, 28, 36 and 200 steps, by hand:
+    # 40: 2, 16, 10;  28: 1.4, 11.2, 7 -> 1, 11, 7;  36: 1.8, 14.4, 9 -> 2, 14, 9;  200: 10, 80, 50
+    cases = {10: (2, 16, 10), 7: (1, 11, 7), 9: (2, 14, 9), 50: (10, 80, 50)}
+    for epochs, (start, r_end, d_end) in cases.items():
+        cfg = _config(norm="batch_renorm", epochs=epochs).resolve()
+        assert (cfg.renorm_start_step, cfg.renorm_r_end_step,
+                cfg.renorm_d_end_step) == (start, r_end, d_end), epochs
+    # 0.05 x 10 steps = 0.5 exactly: a half rounds up, not to even.
+    half = _config(norm="batch_renorm", epochs=5, synthetic_train=16).resolve()
+    assert half.renorm_start_step == 1  # 2 steps x 5 epochs = 10 steps
+
+
+def test_a_bn_point_of_a_norm_sweep_drops_options_only_bn_reads(tmp_path):
+    base = _config(output_dir=str(tmp_path), bn_momentum=0.9)
+    grid = grid_lib.Grid.from_flags(base, {"norm": "batch,layer"}, seeds=1)
+    configs = dict((p.name, cfg) for p, cfg in grid_lib.split_points(
+        base, grid, lambda p: str(tmp_path / p.name))[0])
+    assert configs["norm-batch"].bn_momentum == 0.9
+    assert configs["norm-layer"].bn_momentum == 0.99  # layer norm has no moving statistics
+
+
+def test_mix_trains_the_same_on_two_replicas(tmp_path, mirrored):
+    from sbt_keras.train import train
+
+    def run(name, **extra):
+        cfg = _config(output_dir=str(tmp_path / name), norm="mix", epochs=1, bn_batch_size=4,
+                      synthetic_train=16).resolve()
+        train(cfg, **extra)
+        return snapshot.load(cfg.output_dir)
+
+    one, two = run("one"), run("two", strategy=mirrored)  # 2 replicas x 4 = one BN group each
+    for a, b in zip(one.network.weights, two.network.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=2e-6, err_msg=a.path)
+    assert one.step == two.step == 2

@@ -274,7 +274,6 @@ def _closed_form_limits(step, r_max, d_max, start_step, r_end_step, d_end_step):
 def test_renorm_ramp_matches_closed_form(step):
     schedule = dict(r_max=3.0, d_max=5.0, start_step=10, r_end_step=40, d_end_step=30)
     want = _closed_form_limits(step, **schedule)
-    assert norms.renorm_limits(step, **schedule) == pytest.approx(want, rel=1e-12)
     layer = BatchRenormalization(**schedule)
     layer.build((None, 3))
     layer.renorm_step.assign(step)
@@ -593,3 +592,21 @@ def test_sub_batches_with_unknown_batch_dimension_in_a_graph(name):
         train(_inputs((6, 4, 4, 3)))
     with pytest.raises(ValueError, match="n: batch of 6 examples per replica is not divisible"):
         layer(_inputs((6, 4, 4, 3)), training=True)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: BatchRenormalization(momentum=0.5, r_max=2.0, d_max=1.0, start_step=0,
+                                 r_end_step=0, d_end_step=0),
+    lambda: MixedNormalization(mix_norms=("batch", "layer"), momentum=0.5)])
+def test_frozen_learned_norms_use_and_keep_their_moving_statistics(make):
+    # Keras BN's contract: trainable=False means inference behaviour even when training.
+    layer = make()
+    x = np.random.default_rng(7).normal(2.0, 3.0, size=(4, 3, 3, 2)).astype(np.float32)
+    layer(x, training=True)  # one update: the moving statistics are no longer 0 and 1
+    moving = [layer.moving_mean, layer.moving_variance]
+    before = [v.numpy().copy() for v in moving]
+    layer.trainable = False
+    np.testing.assert_array_equal(layer(x, training=True).numpy(),
+                                  layer(x, training=False).numpy())
+    for b, v in zip(before, moving):
+        np.testing.assert_array_equal(b, v.numpy())

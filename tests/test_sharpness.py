@@ -329,3 +329,14 @@ def test_mirrored_model_gives_the_same_numbers(mirrored):
         np.testing.assert_allclose(hv, results[0][2], rtol=1e-4, atol=1e-6)
         assert phi == pytest.approx(results[0][3], rel=1e-4)
     assert results[0][3] > 0
+
+
+def test_on_evaluation_reports_every_evaluation_of_every_epsilon():
+    model = tiny_bn_net()
+    seen = []
+    found = measure_sharpness(model, *sample(8), maxiter=2, epsilons=(1e-3, 5e-4),
+                              on_evaluation=lambda eps, f: seen.append((eps, f)))
+    for result in found:
+        values = [f for eps, f in seen if eps == result.epsilon]
+        assert len(values) == result.evaluations
+        assert values[0] == result.f0 and max(values) == result.f_max

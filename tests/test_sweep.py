@@ -405,7 +405,7 @@ def _expand_figure(stem, tmp_path, *extra_flags):
 
 
 def test_every_figure_flagfile_is_checked():
-    checked = (M_BY_LR_FIGURES + ["fig04", "fig12", "norms"]
+    checked = (M_BY_LR_FIGURES + ["fig04", "fig12", "norms", "fig08_gns"]
                + [stem for stem, _, _ in FIXED_RATE_FIGURES]
                + [stem for stem, _ in BEST_LR_FIGURES])
     assert sorted(checked) == sorted(p.stem for p in FIGURES.glob("*.flags"))
@@ -455,3 +455,18 @@ def test_the_normalization_study_flagfile_expands_to_every_norm_m_and_rate(tmp_p
     assert (base.model, base.augment, base.epochs) == ("resnet32", True, 82)
     group = [cfg for p, cfg in valid if p.as_dict()["norm"] == "group"][0]
     assert group.gn_groups == 16  # 32 groups cannot split ResNet-32's 16-channel layers
+
+
+def test_fig08_with_gradient_noise_needs_replicas_for_whole_batch_bn(tmp_path):
+    # BN over the whole batch: halving a batch would cut its one BN group, so the noise
+    # comes from the replicas' gradients; on one device every point is refused.
+    from sbt_keras import flags as run_flags
+    fv = _parse_sweep_flags([f"--flagfile={FIGURES / 'fig08_gns'}.flags",
+                             f"--output_dir={tmp_path / 'out'}"])
+    base = run_flags.config_from_flags(fv)
+    grid = grid_lib.Grid.from_flags(base, run_flags.grid_texts_from_flags(fv), fv.seeds)
+    valid, skipped = grid_lib.split_points(base, grid, lambda p: str(tmp_path / p.name),
+                                           replicas=2)
+    assert len(valid) == 143 and not skipped and base.gns_every_steps == 32
+    with pytest.raises(ConfigError, match="a split that breaks a BN group"):
+        grid_lib.split_points(base, grid, lambda p: str(tmp_path / p.name))

@@ -251,3 +251,24 @@ def test_records_and_checkpoints_on_a_url_filesystem(tmp_path):
     assert results.exists(f"{url}/checkpoints/checkpoint")
     assert not pathlib.Path("ram:").exists()  # nothing was written to a local "ram:" dir
     assert train(cfg) == resumed  # finished: read back from the URL, not retrained
+
+
+def test_a_directory_from_before_a_setting_existed_is_compared_with_its_legacy_value(
+        tmp_path):
+    cfg = tiny(tmp_path, norm="none", epochs=1, median_of=1)
+    train(cfg)
+    path = pathlib.Path(cfg.output_dir) / "config.yaml"
+    stored = yaml.safe_load(path.read_text())
+    for added in ("gn_groups", "mix_norms", "keep_checkpoint_every_epochs"):
+        del stored[added]  # as written before these settings existed
+    path.write_text(yaml.safe_dump(stored))
+    assert train(cfg)["status"] == "completed"  # the same run: no refusal
+    del stored["bn_moving_variance"]  # older runs used the biased estimate ...
+    path.write_text(yaml.safe_dump(stored))
+    with pytest.raises(ConfigError, match="bn_moving_variance: 'biased' -> 'unbiased'"):
+        train(cfg)  # ... which this run's config does not
+    stored["bn_moving_variance"] = "unbiased"
+    stored["derived"].pop("model_revision")  # a ResNet trained before the alignment fix
+    path.write_text(yaml.safe_dump(stored))
+    with pytest.raises(ConfigError, match=r"resnet8 revision 1 -> 2 \(docs/changes.md\)"):
+        train(cfg)

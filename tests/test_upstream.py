@@ -33,6 +33,12 @@ def test_compiled_model_has_the_attributes_read():
         assert hasattr(model, name), f"keras.Model.{name} is gone: {WHY}"
 
 
+def test_the_epoch_iterator_reports_its_batch_count():
+    owner, name = upstream.EPOCH_ITERATOR
+    assert isinstance(getattr(_resolve(owner), name, None), property), \
+        f"{owner}.{name} is gone: {WHY}"
+
+
 def test_grid_oracle_has_the_cursor_attributes():
     hp = keras_tuner.HyperParameters()
     hp.Choice("batch_size", [2, 4])

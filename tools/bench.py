@@ -53,6 +53,12 @@ def define_flags():
     flags.DEFINE_boolean("jit_compile", False, "Compile the sbt step with XLA.")
     flags.DEFINE_list("baselines", ["fit", "torch"], "Peers to time beside sbt.")
     flags.DEFINE_boolean("input_pipeline", True, "Also time the augmenting input pipeline.")
+    flags.DEFINE_integer("sharpness_sample", 0, "Also time one loss-and-gradient evaluation "
+                         "of the sharpness measurement over this many examples per model "
+                         "(0: no), outside any training loop, and its bound per epsilon.")
+    flags.DEFINE_boolean("gradient_noise", False, "Also time the step that measures the "
+                         "gradient noise (--gns_every_steps) once per block of --steps, where "
+                         "the batch's halves keep the BN groups whole (--bn_batch_size).")
     flags.DEFINE_string("out", "runs/bench", "Where bench.md and bench.json go.")
 
 
@@ -113,17 +119,26 @@ def _network(name, norm, m, bn_batch_size, shape):
 
 
 def sbt_block(name, norm, m, shape, bn_batch_size, steps, spe, jit, unrolled=1,
-              input_pipeline=False):
+              input_pipeline=False, gns_every_steps=0):
     """(block on in-memory data, block fed by the augmenting input pipeline or None, net):
-    the same compiled model for both."""
+    the same compiled model for both. `gns_every_steps` > 0 measures the gradient noise
+    (one device: the batch's halves) on the last step of every block of that many steps."""
     net = _network(name, norm, m, bn_batch_size, shape)
-    model = SummedGradientModel(net, models.spec(name).weight_decay,
-                                models.decayed_variables(net), unrolled_steps=unrolled)
+    model = SummedGradientModel(
+        net, models.spec(name).weight_decay, models.decayed_variables(net),
+        unrolled_steps=unrolled, gns_every_steps=gns_every_steps,
+        gns_bn_batch_size=(bn_batch_size or m) if norms.uses_batch_statistics(norm) else None)
     model.compile(optimizer=build_optimizer(2.0 ** -8), steps_per_execution=spe or steps,
                   jit_compile=jit)
     fed = (_fit_block(model, m, shape, steps, data=_pipeline_dataset(m, shape))
            if input_pipeline else None)
     return _fit_block(model, m, shape, steps), fed, net
+
+
+def _splits(norm, m, bn_batch_size):
+    """Whether the batch's halves keep every BN group whole (the one-device noise source)."""
+    group = (bn_batch_size or m) if norms.uses_batch_statistics(norm) else None
+    return m % 2 == 0 and (group is None or (m // 2) % group == 0)
 
 
 def stock_fit_block(name, norm, m, shape, steps):
@@ -206,10 +221,45 @@ def _memory():
     return out
 
 
+def sharpness_costs(model_names, sample, shape=(32, 32, 3), repeats=3):
+    """Per model: the seconds of one loss-and-gradient evaluation of the flat training loss
+    over `sample` examples (inference-mode BN, as sbt_keras.sharpness measures it), and the
+    bound of one epsilon's search (default L-BFGS-B budget) in seconds."""
+    from sbt_keras import flat_loss, sharpness
+
+    rows = []
+    for name in model_names:
+        net = _network(name, "batch", 8, 0, shape)
+        rng = np.random.default_rng(0)
+        images = rng.normal(size=(sample, *shape)).astype(np.float32)
+        labels = rng.integers(0, 10, sample)
+        with flat_loss.FlatLoss(net, images, labels) as loss:
+            loss.value_and_grad(loss.x0)  # trace
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                loss.value_and_grad(loss.x0)
+                times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        evaluations = sharpness.default_max_evaluations(sharpness.DEFAULT_MAXITER)
+        rows.append({"model": name, "params": loss.size, "sample": sample,
+                     "eval_s": seconds, "search_bound_s": seconds * evaluations,
+                     "evaluations": evaluations})
+    return rows
+
+
+def sharpness_markdown(rows):
+    lines = ["| model | parameters | N | s per loss+gradient | s per epsilon, at most "
+             "(evaluations) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['params']:,} | {r['sample']} | {r['eval_s']:.2f} | "
+              f"{r['search_bound_s']:.0f} ({r['evaluations']}) |" for r in rows]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- report
 def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3, spe=0,
         jit=False, unrolled=1, baselines=("fit", "torch"), input_pipeline=True,
-        shape=(32, 32, 3)):
+        shape=(32, 32, 3), gns=0):
     """All measurements as a list of dict rows, plus the device description."""
     peak = matmul_peak_flops()
     rows = []
@@ -221,6 +271,9 @@ def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3
                                                     steps, spe, jit, unrolled, input_pipeline)
                 if fed is not None:  # the same step, fed by the real input pipeline
                     blocks["sbt_fed"] = fed
+                if gns and _splits(norm, m, bn_batch_size):  # the step measuring the noise
+                    blocks["sbt_gns"] = sbt_block(name, norm, m, shape, bn_batch_size, steps,
+                                                  spe, jit, unrolled, gns_every_steps=gns)[0]
                 if "fit" in baselines:
                     blocks["fit"] = stock_fit_block(name, norm, m, shape, steps)
                 if "torch" in baselines:
@@ -249,6 +302,8 @@ def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3
                     row.update(pipeline_examples_per_s=rate,
                                pipeline_vs_step=rate / row["sbt_examples_per_s"],
                                sbt_fed_ms=seconds["sbt_fed"] * 1e3)
+                if "sbt_gns" in seconds:
+                    row["gns_ms"] = seconds["sbt_gns"] * 1e3
                 row.update(_memory())
                 rows.append(row)
                 print(_format_row(row), flush=True)
@@ -264,6 +319,7 @@ def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3
 COLUMNS = [("model", "model", "{}"), ("norm", "norm", "{}"), ("m", "m", "{}"),
            ("sbt_ms", "sbt ms/step", "{:.2f}"), ("sbt_examples_per_s", "sbt ex/s", "{:.0f}"),
            ("sbt_fed_ms", "sbt ms/step, real input pipeline", "{:.2f}"),
+           ("gns_ms", "sbt ms/step, noise every block", "{:.2f}"),
            ("fit_ms", "fit ms/step", "{:.2f}"), ("speedup_vs_fit", "× fit", "{:.2f}"),
            ("torch_ms", "torch ms/step", "{:.2f}"), ("speedup_vs_torch", "× torch", "{:.2f}"),
            ("limit_fraction", "% of limit", "{:.1%}"),
@@ -306,8 +362,12 @@ def main(argv):
                        repeats=FLAGS.repeats, spe=FLAGS.steps_per_execution,
                        jit=FLAGS.jit_compile, unrolled=FLAGS.unrolled_steps,
                        baselines=FLAGS.baselines,
-                       input_pipeline=FLAGS.input_pipeline)
+                       input_pipeline=FLAGS.input_pipeline,
+                       gns=FLAGS.steps if FLAGS.gradient_noise else 0)
     text = markdown(rows, device)
+    if FLAGS.sharpness_sample:
+        text += "\n\n" + sharpness_markdown(sharpness_costs(FLAGS.models,
+                                                               FLAGS.sharpness_sample))
     results.write_text_atomic(os.path.join(FLAGS.out, "bench.md"), text + "\n")
     results.write_text_atomic(os.path.join(FLAGS.out, "bench.json"),
                               json.dumps({"device": device, "rows": rows}, indent=1))

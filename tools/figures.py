@@ -8,6 +8,7 @@
     python -m tools.figures --kind=norms   --results=runs/norms   # best accuracy vs m per norm
     python -m tools.figures --kind=alpha   --results=runs/norms   # learned mix weight vs m
     python -m tools.figures --kind=norm_lr --results=runs/norms --m=8  # accuracy vs lr per norm
+    python -m tools.figures --kind=gns     --results=runs/fig08_gns    # B_simple over training
 
 Writes <out>.png and <out>.svg (default out: <first results dir>/fig_<kind>). Diverged trials
 are drawn at their recorded chance-level accuracy with an 'x' marker, never dropped. --kind=lr
@@ -26,7 +27,7 @@ from absl import app, flags  # noqa: E402
 
 from sbt_keras import results  # noqa: E402
 
-KINDS = ("lr", "bn", "best", "range", "curves", "norms", "alpha", "norm_lr")
+KINDS = ("lr", "bn", "best", "range", "curves", "norms", "alpha", "norm_lr", "gns")
 
 
 def load_rows(results_dir):
@@ -250,7 +251,7 @@ def plot_alpha(rows, out, title=""):
     ax.axhline(0.5, color="0.7", lw=0.8, ls=":", label="initial (equal mix)")
     _pow2_ticks(ax, [math.log2(m) for m in weights])
     ax.set_ylim(0, 1)
-    ax.set_xlabel("batch size m (best " + r"$	ilde\eta$" + " at each m)")
+    ax.set_xlabel("batch size m (best " + r"$\tilde\eta$" + " at each m)")
     ax.set_ylabel(r"$\alpha$ (weight of the batch statistics)")
     ax.set_title(title or "Learned BN / per-example mix at the end of training")
     ax.grid(alpha=0.3)
@@ -273,6 +274,43 @@ def plot_norm_lr(rows, out, m=0, title=""):
     ax.set_xlabel(r"base learning rate $\tilde\eta = \eta / m$")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or f"Test accuracy vs base learning rate at m = {m}, per normalization")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, out)
+
+
+def noise_scale_by_batch(rows):
+    """{m: (epochs, B_simple per epoch)} from the history of the best trial at each m (the
+    smoothed gradient noise scale a run with --gns_every_steps records)."""
+    curves = {}
+    for m, row in best_trials([r for r in rows if r["status"] == "completed"]).items():
+        history = results.read_csv(os.path.join(row["trial_dir"], results.HISTORY_FILE))
+        points = [(h["epoch"], h["gns_b_simple"]) for h in history
+                  if isinstance(h.get("gns_b_simple"), float)
+                  and math.isfinite(h["gns_b_simple"]) and h["gns_b_simple"] > 0]
+        if points:
+            curves[m] = tuple(zip(*points))
+    return curves
+
+
+def plot_gns(rows, out, title=""):
+    """B_simple = tr(Sigma)/|G|^2 over training, one curve per m (its best eta_tilde), with
+    the sweep's best m drawn as a horizontal line: McCandlish et al.'s critical batch size
+    beside the batch size that won."""
+    curves = noise_scale_by_batch(rows)
+    if not curves:
+        raise app.UsageError("no trial in --results recorded gns_b_simple; sweep with "
+                             "--gns_every_steps")
+    best_m = max(best_by_batch(rows).items(), key=lambda item: item[1])[0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m, (epochs, values) in curves.items():
+        ax.plot(epochs, values, marker="o", ms=3, label=f"m = {m}")
+    ax.axhline(best_m, color="0.3", ls="--", lw=1,
+               label=f"best m of the sweep ({best_m})")
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(r"$B_{simple} = \mathrm{tr}(\Sigma) / |G|^2$ (examples)")
+    ax.set_title(title or "Gradient noise scale over training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _finish(fig, out)
@@ -354,6 +392,8 @@ def main(argv):
             paths = plot_alpha(merged, out, FLAGS.title)
         elif FLAGS.kind == "norm_lr":
             paths = plot_norm_lr(merged, out, FLAGS.m, FLAGS.title)
+        elif FLAGS.kind == "gns":
+            paths = plot_gns(merged, out, FLAGS.title)
         else:
             paths = plot_range(experiments, out, FLAGS.tolerance, FLAGS.title)
     print("\n".join(paths))

@@ -49,9 +49,10 @@ def define_flags(fv=FLAGS):
                       flag_values=fv)
     flags.DEFINE_boolean("norm_dense", True, "With --model: also normalize hidden dense "
                          "layers (alexnet_reduced).", flag_values=fv)
-    flags.DEFINE_integer("gn_groups", 8, "Channel groups G of the measured 'group' "
+    flags.DEFINE_integer("gn_groups", 0, "Channel groups G of the measured 'group' "
                          "statistics (a layer whose channels G does not divide gets no "
-                         "group row), and with --model --norm=group the network's.",
+                         "group row), and with --model --norm=group the network's; 0: "
+                         "the run's, else the model's default (--gn_groups of a run).",
                          flag_values=fv)
     flags.DEFINE_string("dataset", "cifar10", "With --model: the data (cifar10, cifar100, "
                         "synthetic).", flag_values=fv)
@@ -86,6 +87,11 @@ def define_flags(fv=FLAGS):
 
 
 # ------------------------------------------------------------------------------ checks
+def gn_groups(fv, model):
+    """--gn_groups, or the model's default group count when it is 0."""
+    return fv.gn_groups or models.spec(model).gn_groups
+
+
 def check(fv=FLAGS):
     """The validated settings as a dict, without TensorFlow; ConfigError on bad input."""
     from sbt_keras import models
@@ -98,7 +104,7 @@ def check(fv=FLAGS):
     if not fv.out:
         raise ConfigError("--out is empty; give a directory for the table and figure")
     for name, value, low in (("reference", fv.reference, 2), ("chunk", fv.chunk, 1),
-                             ("gn_groups", fv.gn_groups, 1)):
+                             ("gn_groups", fv.gn_groups, 0)):
         if value < low:
             raise ConfigError(f"--{name}={value} must be at least {low}")
     unknown = [k for k in fv.kinds if k not in norm_noise.KINDS]
@@ -130,7 +136,8 @@ def check(fv=FLAGS):
         if fv.norm == "group":
             try:
                 for channels in models.spec(fv.model).norm_channels:
-                    norms.check_groups(channels, fv.gn_groups, f"--model={fv.model}")
+                    norms.check_groups(channels, gn_groups(fv, fv.model),
+                                       f"--model={fv.model}")
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         cfg = Config(model=fv.model, norm=fv.norm, norm_dense=fv.norm_dense,
@@ -142,7 +149,8 @@ def check(fv=FLAGS):
         raise ConfigError(f"--reference={fv.reference} is larger than the {info.num_train} "
                           f"training examples of {cfg.dataset}; lower it")
     sizes = norm_noise.parse_sizes(fv.sizes, fv.reference)
-    return dict(run=fv.run, epoch=fv.epoch, cfg=cfg, info=info, gn_groups=fv.gn_groups,
+    return dict(run=fv.run, epoch=fv.epoch, cfg=cfg, info=info,
+                gn_groups=fv.gn_groups or cfg.gn_groups or models.spec(cfg.model).gn_groups,
                 seed=fv.seed, reference=fv.reference, sizes=sizes, kinds=tuple(fv.kinds),
                 forward=fv.forward, chunk=fv.chunk, out=fv.out, title=fv.title)
 

@@ -15,9 +15,9 @@ mean_B(mu_B) and var <- m var + (1 - m) mean_B(var_B) * c, c = count / (count - 
 Inference: gamma * (x - mu) / sigma + beta.
 
 r_max and d_max follow Ioffe's schedule, a function of the number of earlier training
-calls `t` (the layer's own int64 `renorm_step` variable; see `renorm_limits` in
-sbt_keras/norms.py): r_max = 1 and d_max = 0 while t <= start_step (plain BN), then linear
-to `r_max` at `r_end_step` and to `d_max` at `d_end_step`.
+calls `t` (the layer's own int64 `renorm_step` variable; see `renorm_limits` below):
+r_max = 1 and d_max = 0 while t <= start_step (plain BN), then linear to `r_max` at
+`r_end_step` and to `d_max` at `d_end_step`.
 
 Why not keras.layers.BatchNormalization(renorm=True)? Keras 3.15 has it, and its
 correction is the same algebra, which this layer reuses: r and d enter through
@@ -36,7 +36,7 @@ import tensorflow as tf
 from keras import ops
 
 from sbt_keras.layers.sub_batches import (
-    batch_axes, merge_groups, split_into_groups, variance_correction)
+    batch_axes, merge_groups, pooled_moments, split_into_groups, update_moving_statistics)
 from sbt_keras.norms import DEFAULT_OPTIONS, check_options
 
 
@@ -112,7 +112,7 @@ class BatchRenormalization(keras.layers.Layer):
         x = ops.cast(inputs, "float32")
         mean = ops.cast(self.moving_mean, "float32")
         variance = ops.cast(self.moving_variance, "float32")
-        if training:
+        if training and self.trainable:  # frozen like Keras BN: moving statistics only
             y = self._renormalize(x, mean, variance)
         else:
             y = self._affine(x, mean, tf.math.rsqrt(variance + self.epsilon), 1.0, 0.0)
@@ -129,14 +129,8 @@ class BatchRenormalization(keras.layers.Layer):
         d = tf.stop_gradient(
             tf.clip_by_value((mean - moving_mean) * inv_moving, -d_max, d_max))
         y = self._affine(grouped, mean, inv_batch, r, d)
-        channels = x.shape[-1]
-        correction = variance_correction(grouped, self.moving_variance_mode)
-        m = self.momentum
-        self.moving_mean.assign(
-            moving_mean * m + tf.reshape(tf.reduce_mean(mean, 0), (channels,)) * (1.0 - m))
-        self.moving_variance.assign(
-            moving_variance * m
-            + tf.reshape(tf.reduce_mean(variance, 0), (channels,)) * correction * (1.0 - m))
+        update_moving_statistics(
+            self, *pooled_moments(mean, variance, grouped, self.moving_variance_mode))
         self.renorm_step.assign_add(1)
         return merge_groups(y, x)
 

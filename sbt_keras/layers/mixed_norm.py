@@ -28,7 +28,7 @@ from keras import ops
 
 from sbt_keras.layers.example_norm import instance_needs_spatial_error
 from sbt_keras.layers.sub_batches import (
-    batch_axes, merge_groups, split_into_groups, variance_correction)
+    batch_axes, merge_groups, pooled_moments, split_into_groups, update_moving_statistics)
 from sbt_keras.norms import DEFAULT_OPTIONS, check_options, mix_components
 
 
@@ -93,6 +93,7 @@ class MixedNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = ops.cast(inputs, "float32")
+        training = bool(training) and self.trainable  # frozen like Keras BN: moving stats
         # Inference needs no grouping: the batch component's statistics are the moving ones.
         grouped = split_into_groups(x, self.bn_batch_size if training else None, self.name)
         rank = len(grouped.shape)
@@ -121,14 +122,8 @@ class MixedNormalization(keras.layers.Layer):
         if not training:
             return moving_mean, moving_variance
         mean, variance = tf.nn.moments(grouped, batch_axes(grouped), keepdims=True)
-        channels = grouped.shape[-1]
-        correction = variance_correction(grouped, self.moving_variance_mode)
-        m = self.momentum
-        self.moving_mean.assign(
-            moving_mean * m + tf.reshape(tf.reduce_mean(mean, 0), (channels,)) * (1.0 - m))
-        self.moving_variance.assign(
-            moving_variance * m
-            + tf.reshape(tf.reduce_mean(variance, 0), (channels,)) * correction * (1.0 - m))
+        update_moving_statistics(
+            self, *pooled_moments(mean, variance, grouped, self.moving_variance_mode))
         return mean, variance
 
     def compute_output_shape(self, input_shape):

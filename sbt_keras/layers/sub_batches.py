@@ -1,8 +1,9 @@
-"""Splitting a replica batch into consecutive groups of `bn_batch_size` examples.
+"""Splitting a replica batch into consecutive groups of `bn_batch_size` examples, and the
+moving statistics kept from the groups' moments.
 
-Shared by the layers that take batch statistics per sub-batch besides
-SubBatchNormalization (batch_renorm.py, mixed_norm.py): same grouping, same error for a
-batch the group size does not divide, same unbiased-variance correction.
+Shared by every layer that takes batch statistics per sub-batch (subbatch_norm.py,
+batch_renorm.py, mixed_norm.py): same grouping, same error for a batch the group size does
+not divide, same unbiased-variance correction, same momentum update.
 """
 import tensorflow as tf
 from keras import ops
@@ -49,3 +50,20 @@ def variance_correction(grouped, moving_variance):
         return tf.constant(1.0, tf.float32)
     count = tf.cast(tf.reduce_prod(tf.shape(grouped)[1:-1]), tf.float32)
     return tf.where(count > 1.0, count / tf.maximum(count - 1.0, 1.0), 1.0)
+
+
+def pooled_moments(mean, variance, grouped, moving_variance):
+    """([C], [C]): the groups' means and (corrected, see variance_correction) variances
+    averaged over the groups; `mean`, `variance` are the moments of `grouped`, [G, 1.., C]."""
+    channels = grouped.shape[-1]
+    return (tf.reshape(tf.reduce_mean(mean, 0), (channels,)),
+            tf.reshape(tf.reduce_mean(variance, 0), (channels,))
+            * variance_correction(grouped, moving_variance))
+
+
+def update_moving_statistics(layer, mean, variance):
+    """One momentum step of `layer.moving_mean` / `moving_variance` towards the per-channel
+    `mean` and `variance`: m * old + (1 - m) * new, m = `layer.momentum`."""
+    m = layer.momentum
+    layer.moving_mean.assign(layer.moving_mean * m + mean * (1.0 - m))
+    layer.moving_variance.assign(layer.moving_variance * m + variance * (1.0 - m))

@@ -8,7 +8,9 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-MOVING_VARIANCE = ("unbiased", "biased")
+from sbt_keras.layers.sub_batches import (
+    batch_axes, pooled_moments, split_into_groups, update_moving_statistics)
+from sbt_keras.norms import MOVING_VARIANCE_CHOICES
 
 
 @keras.saving.register_keras_serializable(package="sbt_keras")
@@ -48,8 +50,9 @@ class SubBatchNormalization(keras.layers.Layer):
         synchronized=False, moving_variance="unbiased", **kwargs,
     ):
         super().__init__(**kwargs)
-        if moving_variance not in MOVING_VARIANCE:
-            raise ValueError(f"moving_variance must be one of {', '.join(MOVING_VARIANCE)}; "
+        if moving_variance not in MOVING_VARIANCE_CHOICES:
+            raise ValueError(f"moving_variance must be one of "
+                             f"{', '.join(MOVING_VARIANCE_CHOICES)}; "
                              f"got {moving_variance!r}")
         if bn_batch_size is not None and (
             isinstance(bn_batch_size, bool)
@@ -65,7 +68,7 @@ class SubBatchNormalization(keras.layers.Layer):
         self.bn_batch_size = bn_batch_size
         self.synchronized = bool(synchronized)
         # Not `moving_variance`: that name holds the variable.
-        self.moving_variance_estimate = moving_variance
+        self.moving_variance_mode = moving_variance
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.center = center
@@ -113,17 +116,10 @@ class SubBatchNormalization(keras.layers.Layer):
             return self._normalize_synchronized(x)
         if len(x.shape) == 4 and x.shape[0] is not None:
             return self._normalize_groups_fused(x)
-        grouped = self._split_into_groups(x)
-        # Reduce over everything except the group axis and the channel axis.
-        axes = list(range(1, len(grouped.shape) - 1))
-        mean, variance = ops.moments(grouped, axes=axes, keepdims=True)
-        channels = x.shape[-1]
-        count = tf.reduce_prod(tf.shape(grouped)[1:-1])  # values per (group, channel)
-        self._update_moving_statistics(
-            ops.reshape(ops.mean(mean, axis=0), (channels,)),
-            ops.reshape(ops.mean(self._population_variance(variance, count), axis=0),
-                        (channels,)),
-        )
+        grouped = split_into_groups(x, self.bn_batch_size, self.name)
+        mean, variance = ops.moments(grouped, axes=batch_axes(grouped), keepdims=True)
+        update_moving_statistics(
+            self, *pooled_moments(mean, variance, grouped, self.moving_variance_mode))
         return ops.reshape(self._affine(grouped, mean, variance), ops.shape(x))
 
     def _normalize_groups_fused(self, x):
@@ -154,10 +150,10 @@ class SubBatchNormalization(keras.layers.Layer):
         count = g * h * w
         if count == 1:
             variance = tf.zeros_like(variance)
-        elif self.moving_variance_estimate == "biased":
+        elif self.moving_variance_mode == "biased":
             variance = variance * ((count - 1) / count)
-        self._update_moving_statistics(
-            tf.reduce_mean(tf.reshape(mean, (groups, c)), axis=0),
+        update_moving_statistics(
+            self, tf.reduce_mean(tf.reshape(mean, (groups, c)), axis=0),
             tf.reduce_mean(tf.reshape(variance, (groups, c)), axis=0))
         if groups > 1:
             y = tf.reshape(tf.transpose(tf.reshape(y, (g, h, w, groups, c)), (3, 0, 1, 2, 4)),
@@ -175,45 +171,9 @@ class SubBatchNormalization(keras.layers.Layer):
         variance = squares / count
         # divide_no_nan: a global batch of one value contributes 0.
         estimate = (tf.math.divide_no_nan(squares, count - 1.0)
-                    if self.moving_variance_estimate == "unbiased" else variance)
-        self._update_moving_statistics(mean, estimate)
+                    if self.moving_variance_mode == "unbiased" else variance)
+        update_moving_statistics(self, mean, estimate)
         return self._affine(x, mean, variance)
-
-    def _split_into_groups(self, x):
-        """Reshapes [N, ...] to [N // bn_batch_size, bn_batch_size, ...]."""
-        group = self.bn_batch_size
-        if group is None:
-            return ops.expand_dims(x, 0)
-        batch = x.shape[0]
-        if batch is not None and batch % group != 0:
-            raise ValueError(
-                f"{self.name}: batch of {batch} examples per replica is not divisible "
-                f"by bn_batch_size={group}"
-            )
-        if batch is None:
-            check = tf.debugging.assert_equal(
-                tf.math.floormod(tf.shape(x)[0], group), 0,
-                message=f"{self.name}: batch per replica is not divisible by "
-                        f"bn_batch_size={group}",
-            )
-            # In a graph the check must run before the reshape, which would fail first
-            # with a less helpful message.
-            with tf.control_dependencies([check] if check is not None else []):
-                x = tf.identity(x)
-        return ops.reshape(x, (-1, group) + tuple(ops.shape(x)[1:]))
-
-    def _population_variance(self, variance, count):
-        """The moving variance's estimate from biased variances over `count` values each."""
-        if self.moving_variance_estimate == "biased":
-            return variance
-        count = tf.cast(count, variance.dtype)
-        # divide_no_nan: a group of one value contributes 0, as its biased variance does.
-        return variance * tf.math.divide_no_nan(count, count - 1.0)
-
-    def _update_moving_statistics(self, mean, variance):
-        m = self.momentum
-        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
-        self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))
 
     def _affine(self, x, mean, variance):
         """gamma * (x - mean) / sqrt(variance + epsilon) + beta, broadcasting per channel."""
@@ -237,6 +197,6 @@ class SubBatchNormalization(keras.layers.Layer):
             center=self.center,
             scale=self.scale,
             synchronized=self.synchronized,
-            moving_variance=self.moving_variance_estimate,
+            moving_variance=self.moving_variance_mode,
         )
         return config

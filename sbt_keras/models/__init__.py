@@ -1,46 +1,62 @@
 """Models selectable by name (`--model`): one registry entry each, with its defaults.
 
-Importing this package does not import TensorFlow: the config validates `--model` and takes
-each model's defaults from `MODELS` before anything heavy loads. A builder is imported only
-when `build()` asks for it.
+Importing this package does not import TensorFlow (the builder modules import Keras inside
+their functions): the config validates `--model` and takes each model's defaults and shape
+facts from `MODELS` before anything heavy loads.
 """
 import dataclasses
-import importlib
 
 from sbt_keras.errors import ConfigError
+from sbt_keras.models import alexnet, resnet_cifar, resnet_imagenet
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """One model: where its builder lives and the paper's defaults for it."""
-    builder: str  # "module:function", imported by build()
+    """One model: its builder and the defaults and shape facts the config checks need."""
+    builder: object  # f(*, input_shape, num_classes, norm, norm_dense, norm_options)
     weight_decay: float  # L2 lambda, paper §3.1 (after Krizhevsky et al. and He et al.)
     image_size: int  # the input side the architecture is defined for
     # Channel counts of the layers a normalization follows (convs, and hidden dense layers
-    # where `norm_dense`): what a per-channel-group setting such as --gn_groups must divide.
+    # with `norm_dense`): what a per-channel-group setting such as --gn_groups must divide.
     norm_channels: tuple
-    gn_groups: int  # --norm=group's default: the largest of 32, 16, ... dividing them all
+    # Downsampling at the deepest normalized conv: its outputs have ceil(side / stride)
+    # pixels a side, the fewest values per example any conv normalization sees.
+    norm_stride: int
     # Channel counts of normalized hidden dense layers (with --norm_dense): one value per
     # channel and example, so no per-example spatial statistics and BN needs 2+ examples.
     dense_norm_channels: tuple = ()
+    # Bumped when the same name starts computing something else; a run directory trained
+    # with another revision is not resumed (docs/changes.md says what changed).
+    revision: int = 1
 
     @property
     def norm_dense_layers(self):
         return bool(self.dense_norm_channels)
 
+    @property
+    def gn_groups(self):
+        """--norm=group's default: Wu & He's 32, or the largest power of two below it that
+        divides every normalized layer's channels."""
+        return next(g for g in (32, 16, 8, 4, 2, 1)
+                    if all(c % g == 0 for c in self.norm_channels))
 
-_CIFAR_RESNET_CHANNELS = (16, 32, 64)
+    def smallest_norm_side(self, image_side):
+        return -(-image_side // self.norm_stride)
+
+
+def _cifar_resnet(builder):
+    return ModelSpec(builder, 1e-4, 32, resnet_cifar.NORM_CHANNELS, resnet_cifar.NORM_STRIDE,
+                     revision=2)
+
+
 MODELS = {
-    "alexnet_reduced": ModelSpec("sbt_keras.models.alexnet:build", 5e-4, 32,
-                                 (16, 48, 96, 64, 256), 16, dense_norm_channels=(256,)),
-    "resnet8": ModelSpec("sbt_keras.models.resnet_cifar:resnet8", 1e-4, 32,
-                         _CIFAR_RESNET_CHANNELS, 16),
-    "resnet20": ModelSpec("sbt_keras.models.resnet_cifar:resnet20", 1e-4, 32,
-                          _CIFAR_RESNET_CHANNELS, 16),
-    "resnet32": ModelSpec("sbt_keras.models.resnet_cifar:resnet32", 1e-4, 32,
-                          _CIFAR_RESNET_CHANNELS, 16),
-    "resnet50": ModelSpec("sbt_keras.models.resnet_imagenet:resnet50", 1e-4, 224,
-                          (64, 128, 256, 512, 1024, 2048), 32),
+    "alexnet_reduced": ModelSpec(alexnet.build, 5e-4, 32, alexnet.NORM_CHANNELS,
+                                 alexnet.NORM_STRIDE, dense_norm_channels=alexnet.HIDDEN_UNITS),
+    "resnet8": _cifar_resnet(resnet_cifar.resnet8),
+    "resnet20": _cifar_resnet(resnet_cifar.resnet20),
+    "resnet32": _cifar_resnet(resnet_cifar.resnet32),
+    "resnet50": ModelSpec(resnet_imagenet.resnet50, 1e-4, 224, resnet_imagenet.NORM_CHANNELS,
+                          resnet_imagenet.NORM_STRIDE, revision=2),
 }
 
 DECAY_SCOPES = ("kernels", "all")
@@ -58,9 +74,8 @@ def spec(name) -> ModelSpec:
 
 
 def builder(name):
-    """The function that builds model `name` (imports its module)."""
-    module, function = spec(name).builder.split(":")
-    return getattr(importlib.import_module(module), function)
+    """The function that builds model `name`."""
+    return spec(name).builder
 
 
 def build(name, *, norm="batch", norm_dense=True, input_shape=None, num_classes=None,
@@ -72,8 +87,10 @@ def build(name, *, norm="batch", norm_dense=True, input_shape=None, num_classes=
     settings under their Config names (bn_batch_size, bn_momentum, bn_epsilon, bn_sync,
     ...); each normalization uses the ones it needs.
     """
-    sizes = {k: v for k, v in (("input_shape", input_shape), ("num_classes", num_classes))
-             if v is not None}
+    side = spec(name).image_size
+    sizes = {"input_shape": input_shape or (side, side, 3)}
+    if num_classes is not None:
+        sizes["num_classes"] = num_classes
     options = {_NORM_OPTION_NAMES.get(k, k): v for k, v in norm_options.items()}
     return builder(name)(norm=norm, norm_dense=norm_dense, norm_options=options, **sizes)
 

@@ -1,13 +1,17 @@
-"""The reduced AlexNet of Masters & Luschi (2018) §3.1, for 32x32 CIFAR images."""
-import keras
+"""The reduced AlexNet of Masters & Luschi (2018) §3.1, for 32x32 CIFAR images.
 
-from sbt_keras.layers import normalized
+Keras is imported inside `build`, so the model registry reads the constants below without
+TensorFlow.
+"""
 
 # (kernel size, channels) of the five stride-1 convolutions (paper §3.1).
 CONVS = ((5, 16), (3, 48), (3, 96), (3, 64), (3, 64))
 # A 3x3 stride-2 max pool follows these convolutions (1-based), as in Krizhevsky et al.
 POOL_AFTER = (1, 2, 5)
 HIDDEN_UNITS = (256, 256)
+NORM_CHANNELS = tuple(c for _, c in CONVS) + HIDDEN_UNITS  # hidden dense: with norm_dense
+# Downsampling at the deepest normalized conv (conv 5 is normalized before its pool).
+NORM_STRIDE = 2 ** sum(1 for i in POOL_AFTER if i < len(CONVS))
 
 
 def build(
@@ -20,6 +24,10 @@ def build(
     also the two hidden dense layers when `norm_dense` (paper Fig. 5 vs. Fig. 6);
     `norm_options` go to every normalization layer (`sbt_keras.layers.norm_layer`).
     """
+    import keras
+
+    from sbt_keras.layers import normalized
+
     options = norm_options or {}
 
     def normalize(x, channels, name):

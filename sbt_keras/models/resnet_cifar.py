@@ -1,12 +1,14 @@
-"""CIFAR ResNets of He et al. (2015a) §4.2: depth 6n+2, 16/32/64 filters, option-A shortcuts."""
+"""CIFAR ResNets of He et al. (2015a) §4.2: depth 6n+2, 16/32/64 filters, option-A shortcuts.
+
+Keras is imported inside the functions, so the model registry reads the constants below
+without TensorFlow.
+"""
 import functools
 
-import keras
-from keras import ops
-
-from sbt_keras.layers import normalized
-
 STAGE_FILTERS = (16, 32, 64)
+NORM_CHANNELS = STAGE_FILTERS  # every conv is normalized
+# Downsampling at the deepest normalized conv: stride 2 opens every stage after the first.
+NORM_STRIDE = 2 ** (len(STAGE_FILTERS) - 1)
 
 
 def _conv3x3(x, filters, strides, use_bias, name):
@@ -17,6 +19,8 @@ def _conv3x3(x, filters, strides, use_bias, name):
     pixel 2i. Symmetric padding (He et al.'s pad 1) centres it on 2i, aligning the two
     branches of the block; output size and parameters are those of "same".
     """
+    import keras
+
     padding = "same"
     if strides == 2:
         x = keras.layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
@@ -29,6 +33,8 @@ def _conv3x3(x, filters, strides, use_bias, name):
 
 def _shortcut_a(x, filters):
     """Parameter-free shortcut: take the even pixels (2i, 2j), zero-pad the new channels."""
+    from keras import ops
+
     x = x[:, ::2, ::2, :]
     extra = filters - x.shape[-1]
     return ops.pad(x, [[0, 0], [0, 0], [0, 0], [extra // 2, extra - extra // 2]])
@@ -44,6 +50,10 @@ def build_resnet(
     `norm_dense` is accepted for a common builder signature and ignored: the only dense
     layer is the classifier.
     """
+    import keras
+
+    from sbt_keras.layers import normalized
+
     del norm_dense
     if depth < 8 or (depth - 2) % 6 != 0:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")

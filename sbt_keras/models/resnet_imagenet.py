@@ -4,14 +4,17 @@ This is v1 as published: the stride-2 downsampling of stages 2-4 sits on the FIR
 convolution of the stage's first bottleneck block, not on its 3x3 convolution as in the
 later "v1.5" variant (torchvision, Goyal et al.'s code), which costs more compute for
 slightly higher accuracy.
+
+Keras is imported inside `resnet50`, so the model registry reads the constants below
+without TensorFlow.
 """
-import keras
-
-from sbt_keras.layers import normalized
-
 STAGE_BLOCKS = (3, 4, 6, 3)
 STAGE_WIDTHS = (64, 128, 256, 512)
 EXPANSION = 4
+STEM_CHANNELS = 64
+NORM_CHANNELS = (STEM_CHANNELS,) + STAGE_WIDTHS + tuple(w * EXPANSION for w in STAGE_WIDTHS)
+# Downsampling at the deepest normalized conv: stem conv and pool, then stages 2-4.
+NORM_STRIDE = 2 * 2 * 2 ** (len(STAGE_WIDTHS) - 1)
 
 
 def resnet50(
@@ -31,6 +34,10 @@ def resnet50(
     commented below; a strided 1x1 conv samples the even pixels (2i, 2j) in both branches
     of a block ("same" adds no padding to a 1x1 kernel, like their pad 0).
     """
+    import keras
+
+    from sbt_keras.layers import normalized
+
     del norm_dense
     use_bias = norm == "none"
 
@@ -58,7 +65,7 @@ def resnet50(
     inputs = keras.Input(shape=input_shape, name="images")
     # He et al.'s (Caffe) stem conv pads 3 on every side, centring output pixel i on input
     # pixel 2i; "same" would pad 2 top/left and 3 bottom/right and centre it on 2i + 1.
-    x = conv_norm(inputs, 64, 7, 2, "stem_conv", relu=True, pad=3)
+    x = conv_norm(inputs, STEM_CHANNELS, 7, 2, "stem_conv", relu=True, pad=3)
     # Their pool has no padding and rounds its output size up, a 3x3 window on pixels
     # 2i..2i+2, the last one clipped at the edge: on the stem's even-sized output that is
     # exactly "same" here (which pads bottom/right only, with -inf).

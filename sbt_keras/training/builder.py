@@ -3,7 +3,7 @@
 Shared by `train.py` and by the instruments that load a run's checkpoint
 (`training/snapshot.py`), so a measured network is built exactly as it was trained.
 """
-from sbt_keras import models
+from sbt_keras import models, norms
 from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer
 
 
@@ -17,7 +17,9 @@ def build_model(cfg, info, bn_batch_size, schedule):
     model = SummedGradientModel(
         network, weight_decay=cfg.weight_decay,
         decayed_variables=models.decayed_variables(network, cfg.weight_decay_on),
-        unrolled_steps=cfg.unrolled_steps)
+        unrolled_steps=cfg.unrolled_steps, gns_every_steps=cfg.gns_every_steps,
+        gns_bn_batch_size=bn_batch_size if norms.uses_batch_statistics(
+            cfg.norm, cfg.mix_norms) else None)
     model.compile(optimizer=build_optimizer(schedule),
                   steps_per_execution=cfg.steps_per_execution, jit_compile=cfg.jit_compile)
     return network, model

@@ -89,8 +89,10 @@ class EpochRecorder(keras.callbacks.Callback):
 
     def __init__(self, output_dir, *, batch_size, schedule, history=(), hparams=None,
                  histogram_freq=0, network=None, probes=()):
-        """`probes`: callables returning {name: float} at each epoch end, recorded as extra
-        history columns and TensorBoard scalars under train/ (e.g. mixing weights)."""
+        """`probes`: callables taking the epoch's logs and returning {column: value}, the
+        run's extra history columns (mixing weights, gradient noise, a sharpness a callback
+        before this one put in the logs); a None value is an empty cell and no TensorBoard
+        scalar (train/<column>)."""
         super().__init__()
         self.probes = tuple(probes)
         self.output_dir = output_dir
@@ -132,7 +134,7 @@ class EpochRecorder(keras.callbacks.Callback):
             "test_accuracy": _float(logs.get("val_accuracy")),
             "wall_seconds": self._wall_before + time.monotonic() - self._start,
         }
-        extra = {k: v for probe in self.probes for k, v in probe().items()}
+        extra = {k: v for probe in self.probes for k, v in probe(logs).items()}
         row.update(extra)
         self.rows.append(row)
         self._wall_before, self._start = row["wall_seconds"], time.monotonic()
@@ -151,7 +153,8 @@ class EpochRecorder(keras.callbacks.Callback):
             tf.summary.scalar("learning_rate", row["learning_rate"])
             tf.summary.scalar("base_lr", row["base_lr"])
             for name, value in (extra or {}).items():
-                tf.summary.scalar(name, value)
+                if value is not None:
+                    tf.summary.scalar(name, value)
             if self.histogram_freq and epoch % self.histogram_freq == 0 and self.network:
                 for v in self.network.trainable_variables:
                     tf.summary.histogram(v.path, v.value)

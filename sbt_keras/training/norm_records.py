@@ -32,6 +32,15 @@ def mixing_weights(network):
     return values
 
 
+def summary(network):
+    """result.yaml's entries: `mixing_weights` ({layer: {component: weight}}) and
+    MEAN_KEY, or {} for a network without mix layers."""
+    if not mix_layers(network):
+        return {}
+    return {"mixing_weights": final_mixing_weights(network),
+            MEAN_KEY: mixing_weights(network).get(MEAN_KEY)}
+
+
 def final_mixing_weights(network):
     """result.yaml's `mixing_weights`: {layer: {component: weight}} (None: no mix layers)."""
     nested = {}

@@ -14,8 +14,8 @@ import re
 
 from absl import logging
 
-from sbt_keras import results, storage
-from sbt_keras.config import EXECUTION_FIELDS
+from sbt_keras import models, results, storage
+from sbt_keras.config import EXECUTION_FIELDS, legacy_values
 from sbt_keras.errors import ConfigError, DamagedRecord, first_line
 
 CHECKPOINT_DIR = "checkpoints"
@@ -254,10 +254,15 @@ def check_output_dir(cfg, info, stored):
     if not stored:
         return None
     mine = cfg.to_dict()
+    stored = {**legacy_values(), **stored}  # records from before a setting existed
     different = sorted(k for k in mine if k not in EXECUTION_FIELDS
                        and stored.get(k) != mine[k])
     shown = [f"{k}: {stored.get(k)!r} -> {mine[k]!r}" for k in different]
     sizes = stored.get("derived") or {}
+    revision = sizes.get("model_revision", 1)
+    if revision != models.spec(cfg.model).revision:
+        shown.append(f"{cfg.model} revision {revision} -> {models.spec(cfg.model).revision}"
+                     f" (docs/changes.md)")
     for key, now in (("num_train", info.num_train), ("num_test", info.num_test)):
         if key in sizes and sizes[key] != now:
             shown.append(f"{key}: {sizes[key]!r} -> {now!r}")

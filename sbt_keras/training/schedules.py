@@ -11,21 +11,11 @@ With the paper's settings: start = 1/32, warmup_steps = 5% of all iterations, bo
 50% and 75% of all iterations, decay_factor = 0.1.
 """
 import math
-from fractions import Fraction
 
 import keras
 from keras import ops
 
-
-def steps_at(fraction, total_steps):
-    """floor(fraction * total_steps + 1/2): a fraction of all iterations, halves rounded up.
-
-    Computed exactly, with `fraction` read as the decimal it prints as (0.29, not the
-    binary 0.28999...), so neither float error nor Python's round-half-to-even moves
-    a step: 0.5 of 1001 steps is 501, 0.29 of 50 is 15.
-    """
-    exact = Fraction(repr(float(fraction))) * int(total_steps)
-    return math.floor(exact + Fraction(1, 2))
+from sbt_keras.config import steps_at
 
 
 def decay_boundaries(total_steps, steps_per_epoch, fractions=(), epochs=()):

@@ -13,11 +13,18 @@ differentiates the SUM (not the mean) of its m/R per-example losses and adds
 all-reduces the replicas' gradients with ReduceOp.SUM, giving exactly the global expression
 above. Nothing is divided by R anywhere.
 """
+import functools
+
 import keras
 import tensorflow as tf
 from keras import ops
 
+from sbt_keras import gradient_noise
 from sbt_keras.config import largest_divisor
+
+# The logs of a step that measured the gradient noise: mean-gradient squared norms at the
+# two batch sizes, and the batch sizes (sbt_keras/gradient_noise.py's conventions).
+NOISE_LOGS = ("gns_small_sq", "gns_big_sq", "gns_b_small", "gns_b_big")
 
 
 @keras.saving.register_keras_serializable(package="sbt_keras")
@@ -31,14 +38,22 @@ class SummedGradientModel(keras.Model):
       decayed_variables: the variables w that receive weight decay, the network's own.
       unrolled_steps: steps traced one after another inside each iteration of the loop
         that runs a block of `steps_per_execution` steps (a divisor of it is used).
+      gns_every_steps: K > 0 measures the gradient noise (sbt_keras/gradient_noise.py) on
+        the last step of every block that ends at a multiple of K steps (K must be a
+        multiple of steps_per_execution), returning the squared norms in that block's
+        logs; 0 never. The measurement never changes the update (see `train_step`).
+      gns_bn_batch_size: with one replica the batch is split in halves, which must keep
+        every BN group whole: the per-replica BN batch (None: no batch statistics).
 
     `model.save()` / `keras.saving.load_model` round-trip it: the network, the settings,
     the decayed variables, the optimizer and its step.
     """
 
     def __init__(self, network, weight_decay=0.0, decayed_variables=(), unrolled_steps=1,
-                 **kwargs):
+                 gns_every_steps=0, gns_bn_batch_size=None, **kwargs):
         super().__init__(**kwargs)
+        self.gns_every_steps = int(gns_every_steps)
+        self.gns_bn_batch_size = gns_bn_batch_size
         self.network = network
         self.unrolled_steps = int(unrolled_steps)
         self.weight_decay = float(weight_decay)
@@ -85,14 +100,19 @@ class SummedGradientModel(keras.Model):
         return keras.losses.sparse_categorical_crossentropy(
             labels, ops.cast(logits, "float32"), from_logits=True)
 
-    def train_step(self, data):
+    def train_step(self, data, measure_noise=False):
         images, labels = data
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        if measure_noise and replicas == 1:
+            noise = self._split_batch_noise(images, labels)  # an extra pass, undone
         with tf.GradientTape() as tape:
             logits = self.network(images, training=True)
             per_example = self._per_example_loss(labels, logits)
             loss_sum = ops.sum(per_example)  # Sigma_i L_i over this replica's examples
         variables = self.trainable_variables
         grads = tape.gradient(loss_sum, variables)
+        if measure_noise and replicas > 1:  # each replica's gradient is a small batch
+            noise = gradient_noise.replica_squared_norms(grads, ops.shape(images)[0])
         if self.weight_decay:
             # This replica's share of m * lambda * w: (m / R) * lambda * w.
             local_batch = ops.cast(ops.shape(images)[0], "float32")
@@ -103,7 +123,27 @@ class SummedGradientModel(keras.Model):
         self.optimizer.apply(grads, variables)
         self.loss_tracker.update_state(per_example)
         self.accuracy_tracker.update_state(labels, logits)
-        return {m.name: m.result() for m in self.metrics}
+        logs = {m.name: m.result() for m in self.metrics}
+        if measure_noise:
+            logs.update(zip(NOISE_LOGS, noise))
+        return logs
+
+    def _split_batch_noise(self, images, labels):
+        """(|G_small|^2, |G_big|^2, B_small, B_big) from the two halves of the batch, by a
+        forward and backward pass of its own before the step. That pass updates the
+        network's non-trainable state (BN moving statistics, renorm's step counter) like
+        any training pass, so it is put back afterwards: the step then runs exactly as
+        without the measurement."""
+        state = self.network.non_trainable_variables
+        saved = [tf.identity(v) for v in state]
+        first, second, _ = gradient_noise.split_batch_sum_gradients(
+            self.network, images, labels, self.trainable_variables,
+            bn_batch_size=self.gns_bn_batch_size, loss_fn=self._per_example_loss)
+        with tf.control_dependencies([g for g in first + second if g is not None]):
+            for variable, value in zip(state, saved):
+                variable.assign(value)
+        return gradient_noise.squared_norms_from_parts([first, second],
+                                                       images.shape[0] // 2)
 
     def fit(self, *args, **kwargs):
         """Keras `fit`, refusing epochs that are not whole blocks of `steps_per_execution`.
@@ -198,8 +238,26 @@ class SummedGradientModel(keras.Model):
                     outputs = one_step(next(iterator))
             return outputs
 
-        self.train_function = multi_step
-        return multi_step
+        if not self.gns_every_steps:
+            self.train_function = multi_step
+            return multi_step
+        noise_step = self._replicated(functools.partial(self.train_step, measure_noise=True))
+
+        @tf.function(reduce_retracing=True)
+        def multi_step_measuring(iterator):
+            # The block's last step measures, so its logs (the block's) carry the norms.
+            for _ in tf.range(block - 1):
+                one_step(next(iterator))
+            return noise_step(next(iterator))
+
+        def train_function(iterator):
+            # Blocks start at multiples of `block`, which divides gns_every_steps.
+            ends = int(self.optimizer.iterations.numpy()) + block
+            measure = ends % self.gns_every_steps == 0
+            return (multi_step_measuring if measure else multi_step)(iterator)
+
+        self.train_function = train_function
+        return train_function
 
     def make_test_function(self, force=False):
         """Up to `steps_per_execution` evaluation batches per call, one graph call each.
