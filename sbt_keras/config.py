@@ -238,6 +238,13 @@ class Config:
         "(measurements: docs/bench_cpu.md).", group="execution", execution=True)
     jit_compile: bool = setting(False, "Compile the train step with XLA.", group="execution",
                                 execution=True)
+    tpu_timeout: float = setting(
+        120.0, "--strategy=tpu: give up (one line, exit 2) when the TPU has not answered "
+        "within this many seconds.", group="execution", execution=True)
+    sweep_failure_limit: int = setting(
+        5, "A sweep stops (exit 1) after this many trials in a row failed; skipped points do "
+        "not count, 0 never stops. Re-running the sweep retries its failed trials.",
+        group="execution", execution=True)
 
     # ------------------------------------------------------------------ resolution
     def resolve(self) -> "Config":
@@ -269,9 +276,20 @@ class Config:
         if c.base_lr is None and c.log2_base_lr is None:
             raise ConfigError("set the base learning rate: --base_lr=ETA_TILDE or "
                               "--log2_base_lr=K (eta_tilde = 2**K)")
-        base_lr = c.base_lr if c.base_lr is not None else 2.0 ** c.log2_base_lr
+        base_lr = c.base_lr if c.base_lr is not None else _power_of_two(c.log2_base_lr)
         if not (base_lr > 0 and math.isfinite(base_lr)):
             raise ConfigError(f"--base_lr={base_lr} must be a positive finite number")
+        if not math.isfinite(c.batch_size * base_lr):
+            raise ConfigError(f"--base_lr={base_lr} gives eta = --batch_size x eta_tilde = "
+                              f"{c.batch_size} x {base_lr}, beyond the float range; the "
+                              f"paper's rates are 2**-12 .. 2**0")
+        if not 0 <= c.seed < 2 ** 32:
+            raise ConfigError(f"--seed={c.seed} must be in [0, 2**32) (numpy's seed range)")
+        if not c.tpu_timeout > 0:
+            raise ConfigError(f"--tpu_timeout={c.tpu_timeout} must be > 0 seconds")
+        if c.sweep_failure_limit < 0:
+            raise ConfigError(f"--sweep_failure_limit={c.sweep_failure_limit} must be >= 0 "
+                              f"(0: never stop)")
         weight_decay = (models.spec(c.model).weight_decay if c.weight_decay is None
                         else c.weight_decay)
         if weight_decay < 0:
@@ -586,6 +604,18 @@ def steps_at(fraction, total_steps):
 def largest_divisor(n, at_most):
     """The largest divisor of `n` that is at most `at_most` (>= 1)."""
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def _power_of_two(log2_rate):
+    """2**log2_rate; ConfigError when that is not a positive float (--log2_base_lr=5000)."""
+    try:
+        rate = 2.0 ** log2_rate
+    except OverflowError:
+        rate = math.inf
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ConfigError(f"--log2_base_lr={log2_rate} gives eta_tilde = 2**{log2_rate}, "
+                          f"outside the float range; the paper's rates are 2**-12 .. 2**0")
+    return rate
 
 
 def _choose(flag, value, choices):

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import re
+import threading
 
 from sbt_keras.errors import ConfigError, first_line
 
@@ -95,8 +96,9 @@ def scratch_dir(output_dir):
 # One strategy per process: a cluster or TPU system is initialized once, and several
 # collective strategies over the same devices would interfere.
 @functools.lru_cache(maxsize=None)
-def make_strategy(name, tpu=""):
-    """The strategy `name` (see the module docstring); raises ConfigError if unreachable."""
+def make_strategy(name, tpu="", tpu_timeout=120.0):
+    """The strategy `name` (see the module docstring); raises ConfigError if unreachable, or
+    if a TPU has not answered within `tpu_timeout` seconds."""
     import tensorflow as tf
 
     if name == "default":
@@ -106,21 +108,45 @@ def make_strategy(name, tpu=""):
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
-        return _tpu_strategy(tf, tpu)
+        return _tpu_strategy(tf, tpu, tpu_timeout)
     # Config validation lists the valid names; reaching here is a programming error.
     raise ValueError(f"unknown strategy {name!r}")
 
 
-def _tpu_strategy(tf, tpu):
-    try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, OSError, ImportError, tf.errors.OpError) as e:
+def _connect_tpu(tf, tpu):
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return resolver
+
+
+def _tpu_strategy(tf, tpu, timeout):
+    # A well-formed but silent address blocks inside gRPC for minutes: connect in a daemon
+    # thread and stop waiting after `timeout` seconds (the thread is left behind; the
+    # process exits on the error anyway).
+    outcome = {}
+
+    def connect():
+        try:
+            outcome["resolver"] = _connect_tpu(tf, tpu)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=connect, daemon=True, name="sbt-tpu-connect")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise ConfigError(f"--tpu={tpu}: the TPU did not answer within {timeout:g} s "
+                          f"(--tpu_timeout); check that it is up and the address is right, "
+                          f"or raise --tpu_timeout")
+    e = outcome.get("error")
+    if isinstance(e, (ValueError, OSError, ImportError, tf.errors.OpError)):
         raise ConfigError(f"--tpu={tpu}: no TPU could be reached ({first_line(e)}); on a TPU "
                           f"VM use --tpu=local, else the TPU's name or grpc://ADDRESS:8470"
                           ) from None
-    return tf.distribute.TPUStrategy(resolver)
+    if e is not None:
+        raise e
+    return tf.distribute.TPUStrategy(outcome["resolver"])
 
 
 # keras-tuner's documented distribution contract: a chief oracle serves trials to workers

@@ -1,7 +1,8 @@
 """The exceptions `sbt_keras.run` reports as one line instead of a traceback.
 
 `ConfigError` is bad user input: reported on stderr with exit status 2, before any training
-step. Messages name the flag and what to change. `OutOfMemory` exits 1, `Preempted` 143.
+step. Messages name the flag and what to change. `RunFailed` (out of memory, a full disk, a
+sweep stopped by its failure limit) exits 1, `Preempted` 143.
 """
 
 
@@ -9,8 +10,30 @@ class ConfigError(ValueError):
     """An impossible or inconsistent setting, found before any compute starts."""
 
 
-class OutOfMemory(RuntimeError):
+class DamagedRecord(ConfigError):
+    """A record file (config.yaml, result.yaml, sweep.yaml, ...) that cannot be parsed; the
+    message names the file and what to do (exit 2)."""
+
+
+class DirectoryInUse(ConfigError):
+    """Another live process holds the claim on this --output_dir (exit 2)."""
+
+
+class RunFailed(RuntimeError):
+    """A run or sweep stopped by something outside its settings; one line, exit 1."""
+
+
+class OutOfMemory(RunFailed):
     """A step ran out of device or host memory; says which settings to lower (exit 1)."""
+
+
+class StorageError(RunFailed):
+    """Records or checkpoints could not be written: full disk, no permission, a vanished
+    directory or bucket. Says which path and how much space is left (exit 1)."""
+
+
+class SweepStopped(RunFailed):
+    """A sweep stopped after --sweep_failure_limit trials failed in a row (exit 1)."""
 
 
 class Preempted(BaseException):

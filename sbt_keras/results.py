@@ -15,10 +15,22 @@ import uuid
 
 import yaml
 
+from sbt_keras.errors import DamagedRecord, first_line
+
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.csv"
 RESULT_FILE = "result.yaml"
 SWEEP_FILE = "sweep.yaml"  # marks a sweep's directory (sbt_keras/sweep.py)
+# What to do about a damaged record file, by name.
+_REPAIR = {
+    CONFIG_FILE: "it records the run's settings: restore it from a copy, or delete it to "
+                 "resume with the settings given now (the checkpoints are kept)",
+    RESULT_FILE: "delete it and re-run the same command: the run resumes from its last "
+                 "checkpoint and writes it again",
+    SWEEP_FILE: "it records the sweep's settings and grid: restore it from a copy, or "
+                "delete it and re-run the same command to write it again",
+}
+_REPAIR_OTHER = "delete it and re-run the same command to write it again"
 HISTORY_COLUMNS = ("epoch", "step", "learning_rate", "base_lr", "train_loss",
                    "train_accuracy", "test_loss", "test_accuracy", "wall_seconds")
 
@@ -51,7 +63,21 @@ def open_text(path, mode="r"):
 
 
 def write_text_atomic(path, text):
-    """Writes `text` to `path` via a same-directory temp file and an atomic rename."""
+    """Writes `text` to `path` via a same-directory temp file and an atomic rename.
+
+    A full disk, a permission error or a vanished directory or bucket raises StorageError
+    naming `path` and the free space (sbt_keras/storage.py); `path` keeps its old content.
+    """
+    from sbt_keras import storage
+
+    try:
+        _write_text_atomic(path, text)
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is a storage error
+        storage.raise_explained(path, error)
+        raise
+
+
+def _write_text_atomic(path, text):
     if is_url(path):
         gfile = _gfile()
         directory, name = path.rsplit("/", 1)
@@ -84,8 +110,21 @@ def write_yaml(path, obj):
 
 
 def read_yaml(path):
-    with open_text(path) as f:
-        return yaml.safe_load(f.read())
+    """The YAML document in `path`; DamagedRecord (one line naming the file and what to do)
+    if it is not readable YAML."""
+    name = os.path.basename(str(path))
+    try:
+        with open_text(path) as f:
+            value = yaml.safe_load(f.read())
+        if name in _REPAIR and not isinstance(value, (dict, type(None))):
+            raise ValueError(f"not a mapping but {type(value).__name__}")
+        return value
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as error:
+        mark = getattr(error, "problem_mark", None)
+        why = (f"{error.problem}, line {mark.line + 1}" if mark and getattr(error, "problem", None)
+               else first_line(error, 120))
+        raise DamagedRecord(f"{path} is damaged ({why}); "
+                            f"{_REPAIR.get(name, _REPAIR_OTHER)}") from None
 
 
 def write_csv(path, rows, columns):

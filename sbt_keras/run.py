@@ -10,14 +10,20 @@ to change, before TensorFlow is imported or any model is built.
 """
 import logging as pylogging
 import os
-import signal
 import sys
 
-from absl import app, flags, logging
+from sbt_keras import children, termination
 
-from sbt_keras import flags as run_flags
-from sbt_keras import grid as grid_lib
-from sbt_keras.errors import ConfigError, OutOfMemory, Preempted
+if __name__ == "__main__":  # before the slow imports: no SIGTERM goes unanswered (issue 15)
+    termination.install()
+    children.follow_parent()  # a --sweep_workers child dies with its parent
+
+from absl import app, flags, logging  # noqa: E402
+
+from sbt_keras import flags as run_flags  # noqa: E402
+from sbt_keras import grid as grid_lib  # noqa: E402
+from sbt_keras import preflight  # noqa: E402
+from sbt_keras.errors import ConfigError, Preempted, RunFailed  # noqa: E402
 
 run_flags.define_flags()
 run_flags.define_sweep_flags()
@@ -31,19 +37,16 @@ class _QuietCheckpoints(pylogging.Filter):
         return "Sharding callback duration" not in record.getMessage()
 
 
-def _terminated(signum, frame):
-    raise Preempted("terminated by SIGTERM")
-
-
 def main(argv):
     logging.get_absl_handler().addFilter(_QuietCheckpoints())
     # SIGTERM outside a training loop (loading data, building, between sweep trials) stops
     # at once but still records `preempted` and exits 143; inside one, train() swaps in a
-    # handler that first saves a checkpoint at the next step.
-    signal.signal(signal.SIGTERM, _terminated)
+    # handler that first saves a checkpoint at the next step. Until the `try` it is noted.
+    termination.install()
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
     try:
+        termination.start()  # raises now for a SIGTERM noted while starting
         if FLAGS.sweep_workers < 1:
             raise ConfigError(f"--sweep_workers={FLAGS.sweep_workers} must be >= 1")
         base = run_flags.config_from_flags(FLAGS, sys.argv)
@@ -54,6 +57,8 @@ def main(argv):
         else:
             base = base.resolve()
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+        preflight.check_sweep_flags(grid, FLAGS.sweep_workers, FLAGS.seeds)
+        preflight.claim_output_dir(base.output_dir, bool(grid), base.strategy)
         if grid and FLAGS.sweep_workers > 1 and "KERASTUNER_TUNER_ID" not in os.environ:
             from sbt_keras.sweep import run_local_workers
             sys.exit(run_local_workers(sys.argv, FLAGS.sweep_workers))
@@ -63,9 +68,10 @@ def main(argv):
         else:
             from sbt_keras.train import train
             train(base)
+        termination.check()  # a SIGTERM whose exception was lost still ends as preempted
     except ConfigError as error:
         _fail(str(error))
-    except OutOfMemory as error:
+    except RunFailed as error:  # out of memory, a full disk, a sweep's failure limit
         _fail(str(error), code=1)
     except Preempted as error:
         # 128 + SIGTERM: schedulers read it as "terminated"; the checkpoint is on disk.
@@ -80,8 +86,14 @@ def _fail(message, code=2):
 def _parse_flags(argv):
     """absl's parsing, but a bad flag (unknown name, value not among an enum's choices,
     unreadable flagfile) is one `error:` line and exit status 2, like every other bad input."""
+    message = preflight.undecodable_flagfile(argv)
+    if message:
+        _fail(message)
     try:
         return FLAGS(argv)
+    except UnicodeDecodeError as error:  # a flagfile included by another one
+        _fail(f"a --flagfile is not a text file ({error}); a flagfile holds one "
+              f"--flag=value per line")
     except flags.Error as error:
         _fail("; ".join(line.strip() for line in str(error).splitlines() if line.strip()))
 

@@ -29,8 +29,9 @@ from absl import logging
 from sbt_keras import distribute
 from sbt_keras import grid as grid_lib
 from sbt_keras import results
+from sbt_keras import children, sweep_faults
 from sbt_keras.config import Config
-from sbt_keras.errors import ConfigError
+from sbt_keras.errors import ConfigError, DamagedRecord, first_line
 from sbt_keras.config import EXECUTION_FIELDS, legacy_values
 from sbt_keras.train import train
 
@@ -56,8 +57,8 @@ def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
     # Points the strategy's replicas cannot split are skipped like other invalid points;
     # a keras-tuner chief only hands out points, so it creates no strategy.
     trains = not distributed or not distribute.is_tuner_chief()
-    replicas = (distribute.make_strategy(base.strategy, base.tpu).num_replicas_in_sync
-                if trains else 1)
+    replicas = (distribute.make_strategy(base.strategy, base.tpu, base.tpu_timeout)
+                .num_replicas_in_sync if trains else 1)
     valid, skipped = grid_lib.split_points(base, grid, lambda p: trial_dir(out, p), replicas)
     sweep_grid = _check_sweep_dir(base, grid, skipped)
     configs = {p.name: cfg for p, cfg in valid}
@@ -72,8 +73,8 @@ def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
         hp.Choice(field, list(values), default=values[0])
     oracle = ResumableGridOracle(
         objective=keras_tuner.Objective(OBJECTIVE, direction="max"), hyperparameters=hp,
-        # Skipped points fail on purpose; only a run of real failures should stop the grid.
-        max_consecutive_failed_trials=len(skipped) + 3)
+        # Skipped points fail on purpose: real failures are counted by FailureLimit instead.
+        max_consecutive_failed_trials=sweep_faults.NO_KERAS_TUNER_LIMIT)
     axes = [f for f, _ in grid.axes]
     points = {tuple(p.as_dict()[f] for f in axes): p for p in grid.points()}
     tuner = _GridTuner(
@@ -81,9 +82,14 @@ def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
                                                           extra_callbacks),
         point_of=lambda values: points[tuple(values[f] for f in axes)],
         directory=os.path.join(out, "tuner"),
-        project_name=_grid_hash(grid), overwrite=False)
+        project_name=_grid_hash(grid), overwrite=False,
+        failure_limit=base.sweep_failure_limit)
+    retried = (sweep_faults.requeue_failed(tuner, skipped_names)
+               if not distributed or distribute.is_tuner_chief() else [])
     tuner.search(verbose=0)
-    return write_results(out)
+    rows = write_results(out)
+    logging.info(sweep_faults.summary(rows, retried))
+    return rows
 
 
 def run_local_workers(argv, workers):
@@ -98,7 +104,7 @@ def run_local_workers(argv, workers):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [subprocess.Popen([sys.executable, "-m", "sbt_keras.run", *argv[1:]],
-                              env={**os.environ, **extra})
+                              env={**os.environ, **extra, **children.parent_environment()})
              for extra in worker_environments(workers, port, _local_gpus())]
     try:
         codes = [p.wait() for p in procs]
@@ -156,12 +162,16 @@ def trial_dir(output_dir, point):
 def _run_point(out, point, configs, skipped_names, extra_callbacks):
     if point.name in skipped_names:
         raise keras_tuner.errors.FailedTrialError(skipped_names[point.name])
-    result = train(configs[point.name], extra_callbacks=extra_callbacks)
+    try:
+        result = train(configs[point.name], extra_callbacks=extra_callbacks)
+    except Exception:  # a failed trial's row shows its error at once
+        write_results(out)
+        raise
     write_results(out)
     return {OBJECTIVE: result[OBJECTIVE]}
 
 
-class _GridTuner(keras_tuner.Tuner):
+class _GridTuner(sweep_faults.FailureLimit, keras_tuner.Tuner):
     """Each trial is a full sbt_keras run; there is no hypermodel to build."""
 
     def __init__(self, oracle, run_point, point_of, **kwargs):
@@ -266,14 +276,21 @@ def write_results(output_dir):
         result_path = os.path.join(directory, results.RESULT_FILE)
         if not (results.exists(config_path) and results.exists(result_path)):
             continue
-        cfg = results.read_yaml(config_path)
-        result = results.read_yaml(result_path) or {}
+        try:
+            cfg = results.read_yaml(config_path)
+            result = results.read_yaml(result_path) or {}
+        except DamagedRecord as error:  # a row that says so, not a stopped sweep
+            rows.append({"trial": name, "status": "damaged", "reason": str(error),
+                         "trial_dir": os.path.relpath(directory, output_dir)})
+            continue
         row = {k: cfg.get(k) for k in ("norm", "batch_size", "log2_base_lr", "base_lr",
                                        "bn_batch_size", "epochs", "seed")}
         # The BN batch the trial used (bn_batch_size=0 means the per-replica batch).
         row["bn_batch_size"] = (cfg.get("derived") or {}).get("bn_batch_size",
                                                                row["bn_batch_size"])
         row.update({k: result.get(k) for k in RESULT_COLUMNS if k in result})
+        if result.get("error"):  # a failed trial's error, kept until it completes
+            row["reason"] = first_line(result["error"], None)
         row.update(trial=name, trial_dir=os.path.relpath(directory, output_dir))
         rows.append(row)
     sweep_path = os.path.join(output_dir, SWEEP_FILE)

@@ -21,11 +21,13 @@ from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
 from sbt_keras.training import (noise_records, norm_records, resume, sharpness_callback,
                                 snapshot, train_eval, warm_start)
+from sbt_keras import claim, storage
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
 
 
+@claim.holding_output_dir  # one process per output directory (sbt_keras/claim.py)
 def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
     """Runs (or resumes, or returns the finished result of) the run `cfg` describes.
 
@@ -58,7 +60,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
     out = cfg.output_dir
 
     # ------------------------------------------------------------------ Strategy
-    strategy = strategy or distribute.make_strategy(cfg.strategy, cfg.tpu)
+    strategy = strategy or distribute.make_strategy(cfg.strategy, cfg.tpu, cfg.tpu_timeout)
     replicas = strategy.num_replicas_in_sync
     bn_batch_size = cfg.check_replicas(replicas)
     resume.check_bn_batch(stored, bn_batch_size, replicas, out)
@@ -166,16 +168,25 @@ def _recording_failures(out, cfg, replicas):
     try:
         yield
     except tf.errors.ResourceExhaustedError as error:
-        results.write_yaml(os.path.join(out, results.RESULT_FILE),
-                           {"status": "failed", "error": f"out of memory: {error}"})
+        if storage.kind(error, writing=False):  # TF's word for a full disk too
+            failure = storage.explain(out, error, writing=False)
+            storage.try_write_yaml(os.path.join(out, results.RESULT_FILE),
+                                   {"status": "failed", "error": str(failure)})
+            raise failure from None
+        storage.try_write_yaml(os.path.join(out, results.RESULT_FILE),
+                               {"status": "failed", "error": f"out of memory: {error}"})
         raise OutOfMemory(
             f"out of memory at --batch_size={cfg.batch_size} ({cfg.batch_size // replicas} "
             f"per replica); lower --batch_size, or use --precision=mixed_bfloat16 or more "
             f"replicas ({first_line(error)})") from None
     except BaseException as error:  # record why it stopped, then let it propagate
         status = STOP_STATUS.get(type(error).__name__, "failed")
-        results.write_yaml(os.path.join(out, results.RESULT_FILE),
-                           {"status": status, "error": f"{type(error).__name__}: {error}"})
+        failure = storage.explain(out, error, writing=False)  # a full disk anywhere
+        storage.try_write_yaml(os.path.join(out, results.RESULT_FILE), {
+            "status": status, "error": str(failure) if failure else
+            f"{type(error).__name__}: {error}"})
+        if failure is not None and failure is not error:
+            raise failure from error
         raise
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -216,5 +227,4 @@ def write_config(cfg, derived):
 
 
 def read_history(output_dir):
-    path = os.path.join(output_dir, results.HISTORY_FILE)
-    return results.read_csv(path) if results.exists(path) else []
+    return resume.read_history(output_dir)  # drops a damaged last row (issue 15)

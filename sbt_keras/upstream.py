@@ -34,6 +34,12 @@ keras-tuner 1.4 (`sbt_keras/sweep.py`):
   keras-tuner writes its oracle, trial and tuner JSON in place, so a kill during a save
   leaves truncated JSON that stops the resume; ours write them atomically. No upstream
   issue found.
+- `Oracle._retry_queue` (a list of trial ids `create_trial` pops first) and
+  `Oracle._run_times` (trial id -> runs so far), read and written by
+  `sweep_faults.requeue_failed`: keras-tuner never runs a FAILED trial again, even in a
+  new session, so a passing failure (full disk, a crashed input pipeline) would stay
+  failed for good; re-running a sweep puts them back in the retry queue. No upstream issue
+  found.
 """
 import inspect
 
@@ -55,6 +61,7 @@ TUNER_METHODS = (
 )
 EPOCH_ITERATOR = ("keras.src.trainers.epoch_iterator.EpochIterator", "num_batches")
 GRID_ORACLE_ATTRIBUTES = ("_ordered_ids", "_populate_next")
+ORACLE_RETRY_ATTRIBUTES = ("_retry_queue", "_run_times")
 LINKED_LIST_ATTRIBUTES = ("_memory", "_next_index")
 
 

@@ -47,3 +47,47 @@ def mirrored():
     if not _MIRRORED:
         _MIRRORED.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
     return _MIRRORED[0]
+
+
+# ---------------------------------------------------------------------- fault table
+# Tests marked `fault("what was injected")` or `bad_input("what was tried")` are recorded
+# with their outcome in FAULT_LOG (merged over runs, by test id); tools/fault_table.py
+# renders it as the README's reliability table. A marker's text may name the test's
+# parameters, e.g. "--output_dir {case}".
+FAULT_LOG = pathlib.Path(os.environ.get("SBT_FAULT_LOG") or REPO / ".faults" / "log.json")
+FAULT_MARKERS = ("fault", "bad_input")
+_fault_outcomes = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    marks = [m for name in FAULT_MARKERS for m in item.iter_markers(name)]
+    if not marks or (report.when != "call" and report.passed):
+        return
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    for mark in marks:
+        try:
+            what = mark.args[0].format(**params)
+        except (KeyError, IndexError, ValueError):
+            what = mark.args[0]
+        _fault_outcomes[item.nodeid] = {
+            "kind": mark.name, "what": what, "test": item.nodeid.split("[")[0],
+            "outcome": report.outcome if report.when == "call" else
+            ("skipped" if report.skipped else "failed"),
+            "seconds": round(report.duration, 2)}
+
+
+def pytest_sessionfinish(session):
+    if not _fault_outcomes:
+        return
+    import json
+    try:
+        log = json.loads(FAULT_LOG.read_text()) if FAULT_LOG.exists() else {}
+    except ValueError:
+        log = {}
+    log.update(_fault_outcomes)
+    FAULT_LOG.parent.mkdir(parents=True, exist_ok=True)
+    tmp = FAULT_LOG.with_suffix(".tmp")
+    tmp.write_text(json.dumps(log, indent=1, sort_keys=True))
+    tmp.replace(FAULT_LOG)

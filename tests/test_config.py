@@ -65,6 +65,7 @@ BAD = [
 ]
 
 
+@pytest.mark.bad_input("an impossible flag combination (divisibility, ranges, learning-rate forms)")
 @pytest.mark.parametrize("argv,words", BAD)
 def test_bad_flag_combinations_are_rejected(argv, words):
     with pytest.raises(ConfigError) as info:
@@ -75,6 +76,7 @@ def test_bad_flag_combinations_are_rejected(argv, words):
         assert word in message
 
 
+@pytest.mark.bad_input("an unknown model, norm, dataset or strategy")
 @pytest.mark.parametrize("field,value", [("model", "vgg"), ("norm", "weird"),
                                          ("dataset", "mnist"), ("strategy", "tpu9")])
 def test_unknown_names_list_the_valid_ones(field, value):
@@ -119,6 +121,7 @@ def test_manual_dir_is_for_imagenet_only():
         Config(dataset="synthetic", base_lr=0.1, manual_dir="/tars").resolve()
 
 
+@pytest.mark.bad_input("a missing, empty or misused --cifar_dir")
 def test_cifar_dir_problems_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="--cifar_dir"):
         Config(base_lr=0.1, cifar_dir=str(tmp_path / "nowhere")).resolve()
@@ -128,6 +131,7 @@ def test_cifar_dir_problems_are_config_errors(tmp_path):
         Config(base_lr=0.1, dataset="synthetic", cifar_dir=str(tmp_path)).resolve()
 
 
+@pytest.mark.bad_input("a --cifar_dir file with a truncated record")
 def test_cifar_dir_truncated_record(tmp_path, cifar10_dir):
     src = pathlib.Path(cifar10_dir) / "cifar-10-batches-bin"
     dst = tmp_path / "cifar-10-batches-bin"
@@ -146,6 +150,7 @@ def _cli(args, env_extra=None, **kwargs):
                           capture_output=True, text=True, timeout=120, **kwargs)
 
 
+@pytest.mark.bad_input("a bad combination on the command line (one line, exit 2, before TensorFlow)")
 def test_cli_bad_input_exits_2_with_one_line_before_tensorflow_loads(tmp_path):
     # A `tensorflow` package that explodes on import proves validation never needs it.
     poison = tmp_path / "poison" / "tensorflow"
@@ -160,12 +165,14 @@ def test_cli_bad_input_exits_2_with_one_line_before_tensorflow_loads(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.bad_input("--sweep_workers=0")
 def test_cli_sweep_workers_must_be_positive():
     proc = _cli(SYNTH + ["--base_lr=0.1", "--grid_batch_size=4", "--sweep_workers=0"])
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --sweep_workers=0 must be >= 1"
 
 
+@pytest.mark.bad_input("an unknown flag, or a value outside a flag's choices (command line)")
 @pytest.mark.parametrize("bad, named", [
     ("--model=vgg", "--model=vgg"),
     ("--norm=weird", "--norm=weird"),
@@ -227,12 +234,15 @@ def test_every_experiment_flagfile_parses_and_resolves(tmp_path):
         cfg.resolve()
 
 
+@pytest.mark.bad_input("an out-of-range setting")
 @pytest.mark.parametrize("argv", [
     ["--base_lr=0.1", "--divergence_factor=0.5"],
     ["--base_lr=0.1", "--checkpoint_every_steps=-1"],
     ["--base_lr=0.1", "--weight_decay=-1"],
     ["--base_lr=0.1", "--lr_decay_factor=0"],
     ["--base_lr=0.1", "--unrolled_steps=0"],
+    ["--base_lr=0.1", "--tpu_timeout=0"],
+    ["--base_lr=0.1", "--sweep_failure_limit=-1"],
 ])
 def test_more_ranges(argv):
     flag = argv[1].split("=")[0]
@@ -240,6 +250,7 @@ def test_more_ranges(argv):
         parse(SYNTH + argv).resolve()
 
 
+@pytest.mark.bad_input("a flagfile with an unknown flag; a missing flagfile")
 def test_flagfile_errors(tmp_path):
     bad = tmp_path / "bad.flags"
     bad.write_text("--model=resnet8\n--no_such_flag=3\n")
@@ -273,7 +284,7 @@ def test_execution_and_hparam_sets_follow_the_declarations():
         "output_dir", "steps_per_execution", "unrolled_steps", "jit_compile",
         "eval_batch_size", "histogram_freq", "download", "data_dir", "manual_dir",
         "cifar_dir", "strategy", "tpu", "deterministic", "checkpoint_every_steps",
-        "keep_checkpoint_every_epochs"}
+        "keep_checkpoint_every_epochs", "tpu_timeout", "sweep_failure_limit"}
     cfg = parse(SYNTH + ["--batch_size=8", "--log2_base_lr=-7"]).resolve()
     shown = config_lib.hparams_of(cfg, bn_batch_size=4)
     assert set(shown) == config_lib.HPARAM_FIELDS | {"bn_batch_size"}

@@ -79,6 +79,7 @@ def _cfg(tmp_path, **kw):
                   eval_batch_size=8, output_dir=str(tmp_path / "run"), **kw).resolve()
 
 
+@pytest.mark.bad_input("a batch that cannot fit in host memory")
 def test_a_batch_that_cannot_fit_stops_before_the_first_step(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 2 ** 20)  # 1 MiB free
     with pytest.raises(ConfigError, match="--batch_size=8 needs at least"):
@@ -92,6 +93,7 @@ class _Exhausted(keras.callbacks.Callback):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
 
+@pytest.mark.fault("out of memory in a training step")
 def test_running_out_of_memory_is_reported_with_what_to_lower(tmp_path):
     with pytest.raises(OutOfMemory, match=r"out of memory at --batch_size=8 \(8 per replica\);"
                                           r" lower --batch_size"):

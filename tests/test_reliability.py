@@ -88,6 +88,7 @@ def reference(tmp_path_factory):
     return out
 
 
+@pytest.mark.fault("kill -9 mid-epoch, then resume")
 def test_kill_9_mid_epoch_then_resume_gives_identical_history(reference, tmp_path):
     out = tmp_path / "killed"
     proc = _start(RUN_FLAGS + [f"--output_dir={out}"])
@@ -104,6 +105,7 @@ def test_kill_9_mid_epoch_then_resume_gives_identical_history(reference, tmp_pat
     assert _result(out) == _result(reference)
 
 
+@pytest.mark.fault("SIGTERM mid-training")
 def test_sigterm_saves_a_checkpoint_and_exits_143(reference, tmp_path):
     out = tmp_path / "preempted"
     proc = _start(RUN_FLAGS + [f"--output_dir={out}"])
@@ -138,6 +140,7 @@ def _tiny(tmp_path, name):
                   deterministic=True, augment=True, output_dir=str(tmp_path / name)).resolve()
 
 
+@pytest.mark.fault("truncated newest checkpoint")
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     reference = train(_tiny(tmp_path, "reference"))
     cfg = _tiny(tmp_path, "truncated")
@@ -198,6 +201,7 @@ def _blocks_of_4(tmp_path, name):
                   output_dir=str(tmp_path / name)).resolve()
 
 
+@pytest.mark.fault("a crash or SIGTERM around an epoch's end (in its evaluation, last block, final block)")
 @pytest.mark.parametrize("fault", ["crash_in_evaluation", "sigterm_in_last_block",
                                    "sigterm_in_final_block"])
 def test_epoch_end_checkpoint_always_has_its_evaluated_row(tmp_path, fault):
@@ -218,6 +222,7 @@ def test_epoch_end_checkpoint_always_has_its_evaluated_row(tmp_path, fault):
     assert resumed["test_accuracy"] == reference["test_accuracy"]
 
 
+@pytest.mark.bad_input("a resume whose --steps_per_execution crosses the checkpoint")
 def test_resume_with_a_block_that_crosses_the_checkpoint_is_refused(tmp_path):
     # Checkpointed mid-epoch at step 2 in blocks of 2; blocks of 4 cannot start there.
     cfg = dataclasses.replace(_blocks_of_4(tmp_path, "run"), steps_per_execution=2,
@@ -231,6 +236,7 @@ def test_resume_with_a_block_that_crosses_the_checkpoint_is_refused(tmp_path):
     assert train(cfg)["steps"] == 24  # the original block size resumes
 
 
+@pytest.mark.fault("crash, resumed without --deterministic")
 def test_resume_without_determinism_matches_to_float_tolerance(tmp_path):
     # Without --deterministic TF may reorder float reductions: same result to tolerance.
     def loose(name):
@@ -271,6 +277,7 @@ def _checkpointed(output_dir, name):
     return reader.get_tensor(key)
 
 
+@pytest.mark.fault("crash after the divergence reference was set")
 def test_divergence_reference_survives_a_resume(tmp_path):
     # The factor rule compares with the first loss of the *run*: a run resumed after the
     # loss fell must keep the first session's reference, not take its own first loss.
@@ -310,6 +317,7 @@ def test_divergence_rule(losses, factor, step):
     assert model.stop_training == (step is not None)
 
 
+@pytest.mark.fault("kill -9 of a sweep mid-trial")
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     sweep = ["--grid_batch_size=8,16", "--log2_base_lr=-6", "--checkpoint_every_steps=0"]
     flags = [f for f in RUN_FLAGS if not f.startswith("--checkpoint_every")] + sweep

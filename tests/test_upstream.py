@@ -54,3 +54,16 @@ def test_grid_oracle_has_the_cursor_attributes():
     from sbt_keras.sweep import _linked_list_items
     assert _linked_list_items(linked) == ["a", "b"]
 
+
+
+def test_oracle_has_the_retry_state_requeue_failed_uses():
+    hp = keras_tuner.HyperParameters()
+    hp.Choice("batch_size", [2, 4])
+    oracle = keras_tuner.oracles.GridSearchOracle(
+        objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
+    for name in upstream.ORACLE_RETRY_ATTRIBUTES:
+        assert hasattr(oracle, name), f"Oracle.{name} is gone: {WHY}"
+    assert isinstance(oracle._retry_queue, list)
+    assert oracle._run_times["never seen"] == 0  # a defaultdict(int)-like counter
+    state = oracle.get_state()  # saved and reloaded with the oracle
+    assert "retry_queue" in state and "run_times" in state

@@ -40,6 +40,34 @@ def _layout(dataset):
     return _LAYOUTS[dataset]
 
 
+# Classes of each label byte: CIFAR-10 (class), CIFAR-100 (coarse, fine).
+_LABEL_CLASSES = {"cifar10": (10,), "cifar100": (20, 100)}
+
+
+def check_labels(files, dataset):
+    """ConfigError naming the file and its first record whose label byte is not a class of
+    `dataset` (a damaged file, or one from another archive). Reads only the label bytes
+    (memory-mapped), so it costs a pass over the page cache, not a copy."""
+    import numpy as np
+
+    label_bytes = _layout(dataset)[3]
+    size = label_bytes + PIXEL_BYTES
+    for fname in files:
+        records = np.memmap(fname, dtype=np.uint8, mode="r")
+        records = records[: len(records) // size * size].reshape(-1, size)
+        for column, classes in enumerate(_LABEL_CLASSES[dataset]):
+            bad = np.flatnonzero(records[:, column] >= classes)
+            if bad.size:
+                first = int(bad[0])
+                which = "" if label_bytes == 1 else ("coarse " if column == 0 else "fine ")
+                raise ConfigError(
+                    f"--cifar_dir: {fname} record {first} (of {len(records)}) has {which}label "
+                    f"{int(records[first, column])}, but {dataset} has {classes} "
+                    f"{which}classes ({bad.size} such records); the file is damaged or from "
+                    f"another archive: re-extract it")
+        del records
+
+
 def record_bytes(dataset):
     """Bytes per record for ``dataset`` ("cifar10": 3073, "cifar100": 3074)."""
     return _layout(dataset)[3] + PIXEL_BYTES
@@ -110,6 +138,7 @@ def read(files, dataset):
     import numpy as np
     import tensorflow as tf
 
+    check_labels(files, dataset)  # before any compute: one line, not a graph traceback
     label_bytes = _layout(dataset)[3]
     size = label_bytes + PIXEL_BYTES
 

@@ -4,6 +4,12 @@ import numpy as np
 
 from sbt_keras.errors import ConfigError, first_line
 
+# Where tfds downloads each dataset from (its builder's URL), and how long a download may
+# take to start answering: offline, tfds would retry for minutes before failing.
+DOWNLOAD_HOSTS = {"cifar10": ("www.cs.toronto.edu", 443),
+                  "cifar100": ("www.cs.toronto.edu", 443)}
+PROBE_SECONDS = 10.0
+
 # Batch size used to pull examples out of tfds; big enough to be fast, small enough
 # that no single tensor is the whole split.
 _CHUNK = 10000
@@ -34,6 +40,8 @@ def load_tfds(name, data_dir, download):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
+    if download:
+        _check_downloadable(tfds, name, data_dir)
     try:
         # Not batch_size=-1: that pads a single batch sized from dataset metadata,
         # which is absent (and then unbounded) for mocked or partially prepared data.
@@ -57,3 +65,39 @@ def load_tfds(name, data_dir, download):
             f"pass --cifar_dir with the extracted binary archive, or --data_dir with a "
             f"prepared tfds directory"
         ) from e
+
+
+def _check_downloadable(tfds, name, data_dir):
+    """ConfigError within PROBE_SECONDS if `name` is not prepared in `data_dir` and its
+    download host cannot be reached (offline), instead of tfds's minutes of retries."""
+    import socket
+    import threading
+
+    if name not in DOWNLOAD_HOSTS:
+        return
+    try:
+        if tfds.builder(name, data_dir=data_dir).is_prepared():
+            return
+    except Exception:  # noqa: BLE001 - tfds.load reports its own problems
+        return
+    host, port = DOWNLOAD_HOSTS[name]
+    outcome = {}
+
+    def probe():  # name resolution has no timeout of its own: bound it with the thread's
+        try:
+            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+            outcome["ok"] = True
+        except OSError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=probe, daemon=True, name="sbt-download-probe")
+    thread.start()
+    thread.join(PROBE_SECONDS)
+    if not outcome.get("ok"):
+        why = first_line(outcome["error"]) if "error" in outcome else \
+            f"no answer within {PROBE_SECONDS:g} s"
+        where = data_dir or "the default tfds directory"
+        raise ConfigError(
+            f"--dataset={name} is not prepared in {where} and cannot be downloaded "
+            f"({host}: {why}); offline, pass --cifar_dir=DIR with the extracted binary "
+            f"archive, or --data_dir=DIR with a prepared tfds directory")

@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from sbt_keras import results
+from sbt_keras import results, termination
 from sbt_keras.errors import Preempted
 
 TB_DIR = "tb"
@@ -28,6 +28,7 @@ class Preemption:
         self._previous = None
 
     def __enter__(self):
+        termination.check()  # a SIGTERM while loading whose exception was lost (issue 15)
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
@@ -35,10 +36,13 @@ class Preemption:
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint at the next step boundary")
         self.requested = True
+        termination.note()
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if exc_type is Preempted:
+            termination.acted_on()
         return False
 
 

@@ -6,14 +6,17 @@ holds something else; `restore_latest` loads the newest readable checkpoint. The
 stream is a pure function of (seed, epoch, batch) (data/pipeline.py), so a run resumed at
 (epoch, batch) sees exactly the batches an uninterrupted run would.
 """
+import csv
 import dataclasses
+import io
 import os
+import re
 
 from absl import logging
 
-from sbt_keras import models, results
+from sbt_keras import models, results, storage
 from sbt_keras.config import EXECUTION_FIELDS, legacy_values
-from sbt_keras.errors import ConfigError, first_line
+from sbt_keras.errors import ConfigError, DamagedRecord, first_line
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -74,19 +77,29 @@ def resume_plan(start_step, *, steps_per_epoch, epochs, steps_per_execution,
                       phases=tuple(phases), history_rows=initial_epoch)
 
 
-def restore_latest(directory, checkpoint, model):
+def restore_latest(directory, checkpoint, model, *, steps_per_epoch=None, history_rows=None):
     """Restores the newest readable checkpoint in `directory`; returns its global step
     (0: none).
 
     A truncated or corrupted newest checkpoint is reported and the previous one used; if
-    none is readable the run starts from its initial weights.
+    none is readable the run starts from its initial weights. The checkpoints are those the
+    state file lists and every `ckpt-N.index` beside it, so a damaged or lost state file
+    loses none. With `history_rows` (and `steps_per_epoch`), checkpoints past the epochs
+    history.csv holds (its damaged last row was dropped) are passed over for an earlier one,
+    from which the missing rows are recomputed; DamagedRecord if only such ones are readable.
     """
-    import tensorflow as tf
-
-    state = tf.train.get_checkpoint_state(directory)
-    paths = list(state.all_model_checkpoint_paths) if state else []
+    paths = checkpoint_paths(directory)
     if not paths:
         return 0
+    past = []
+    if history_rows is not None:
+        past = [p for p in paths if (_step_of(p) or 0) // steps_per_epoch > history_rows]
+        paths = [p for p in paths if p not in past]
+        if past:
+            logging.warning("%s: history.csv has %d epoch rows but checkpoint(s) %s are past "
+                            "them; resuming from an earlier one, the missing rows are "
+                            "recomputed", directory, history_rows,
+                            ", ".join(os.path.basename(p) for p in past))
     initial = [v.numpy() for v in model.variables] + [model.optimizer.iterations.numpy()]
     for path in reversed(paths):
         try:
@@ -95,10 +108,106 @@ def restore_latest(directory, checkpoint, model):
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back
             logging.warning("Checkpoint %s is unreadable (%s: %s); trying an older one.",
                             path, type(error).__name__, first_line(error))
-    logging.warning("No readable checkpoint in %s; starting from scratch.", directory)
     for variable, value in zip([*model.variables, model.optimizer.iterations], initial):
         variable.assign(value)
+    if past:
+        raise DamagedRecord(
+            f"{os.path.dirname(directory.rstrip('/'))}: history.csv holds {history_rows} "
+            f"epochs, but the only readable checkpoints ({os.path.basename(past[-1])}, ...) "
+            f"are past them, so the missing rows cannot be recomputed; restore history.csv "
+            f"from a copy, or delete {directory} to train again from scratch")
+    logging.warning("No readable checkpoint in %s; starting from scratch.", directory)
     return 0
+
+
+STATE_FILE = "checkpoint"  # tf.train.CheckpointManager's list of checkpoints
+_CKPT = re.compile(r"ckpt-(\d+)$")
+
+
+def _step_of(prefix):
+    match = _CKPT.search(os.path.basename(prefix))
+    return int(match.group(1)) if match else None
+
+
+def _read_state(directory):
+    """(listed prefixes, damaged): the checkpoints the state file lists."""
+    import tensorflow as tf
+
+    state_path = os.path.join(directory, STATE_FILE)
+    if not tf.io.gfile.exists(state_path):
+        return [], False
+    try:
+        state = tf.train.get_checkpoint_state(directory)  # None for unparseable text
+    except Exception:  # noqa: BLE001 - empty or undecodable state file
+        state = None
+    if state is None:
+        return [], True
+    return [os.path.join(directory, os.path.basename(p))
+            for p in state.all_model_checkpoint_paths], False
+
+
+def checkpoint_paths(directory):
+    """Checkpoint prefixes in `directory`, oldest first: the state file's list and every
+    `ckpt-N.index` file there, so that a garbage or lost state file loses no checkpoint."""
+    import tensorflow as tf
+
+    listed, damaged = _read_state(directory)
+    if damaged:
+        logging.warning("The checkpoint state file %s is unreadable; using the ckpt-* "
+                        "files beside it.", os.path.join(directory, STATE_FILE))
+    found = [name[:-len(".index")] for name in
+             tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index"))]
+    paths = {os.path.basename(p): os.path.join(directory, os.path.basename(p))
+             for p in listed + found}
+    return sorted(paths.values(), key=lambda p: (_step_of(p) is None, _step_of(p) or 0))
+
+
+def repair_state(directory):
+    """Rewrites a garbage checkpoint state file from the ckpt-* files (tf.train's
+    CheckpointManager would otherwise fail on it, or forget the checkpoints)."""
+    import tensorflow as tf
+
+    _, damaged = _read_state(directory)
+    if not damaged:
+        return
+    paths = checkpoint_paths(directory)
+    if paths:
+        tf.compat.v1.train.update_checkpoint_state(
+            directory, paths[-1], all_model_checkpoint_paths=paths)
+    else:
+        tf.io.gfile.remove(os.path.join(directory, STATE_FILE))
+
+
+def read_history(output_dir):
+    """history.csv's rows, without a damaged tail: a partial last line (a write cut short
+    on a filesystem without atomic rename, a copy cut short) and any row after the first
+    incomplete or non-numeric one are dropped with a warning; the resume recomputes them."""
+    path = os.path.join(output_dir, results.HISTORY_FILE)
+    if not results.exists(path):
+        return []
+    if results.is_url(path):
+        import tensorflow as tf
+        with tf.io.gfile.GFile(path, "rb") as f:
+            raw = f.read()
+    else:
+        with open(path, "rb") as f:
+            raw = f.read()
+    text = raw.decode("utf-8", "replace")
+    complete = text if text.endswith("\n") else text[:text.rfind("\n") + 1]
+    rows = [{k: results._number(v) for k, v in row.items()}
+            for row in csv.DictReader(io.StringIO(complete))]
+    good = []
+    for row in rows:
+        values = [row.get(column) for column in results.HISTORY_COLUMNS]
+        if (None in row or not all(isinstance(v, (int, float)) for v in values)
+                or row["epoch"] != len(good) + 1):
+            break
+        good.append(row)
+    dropped = len(rows) - len(good) + (complete != text)
+    if dropped:
+        logging.warning("%s: dropped %d damaged row(s) after epoch %d; they are recomputed "
+                        "from the checkpoint", path, dropped, len(good))
+    return good
 
 
 def open_checkpoints(model, extra, *, restore_from, save_to, cfg, steps_per_epoch,
@@ -107,16 +216,23 @@ def open_checkpoints(model, extra, *, restore_from, save_to, cfg, steps_per_epoc
     trackables ({name: variable or list}), with the newest readable checkpoint of run
     directory `restore_from` restored, a manager saving into run directory `save_to` (a
     multi-worker run's non-chief workers restore the chief's and save to scratch), and the
-    plan that follows from the restored step."""
+    plan that follows from the restored step. The checkpoint's `write` and the manager's
+    `save` report a full disk as such (storage.py)."""
     import tensorflow as tf
 
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, **extra)
-    manager = tf.train.CheckpointManager(
-        checkpoint, os.path.join(save_to, CHECKPOINT_DIR), max_to_keep=3)
-    start_step = restore_latest(os.path.join(restore_from, CHECKPOINT_DIR), checkpoint, model)
+    save_dir = os.path.join(save_to, CHECKPOINT_DIR)
+    own = save_to == restore_from  # this process keeps the records it resumes from
+    if own:
+        repair_state(save_dir)
+    manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=3)
+    start_step = restore_latest(
+        os.path.join(restore_from, CHECKPOINT_DIR), checkpoint, model,
+        **(dict(steps_per_epoch=steps_per_epoch, history_rows=history_rows) if own else {}))
     plan = resume_plan(start_step, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
                        steps_per_execution=cfg.steps_per_execution, history_rows=history_rows)
-    return checkpoint, manager, plan
+    return (storage.guard_checkpoint(checkpoint, save_dir), storage.guard_manager(manager),
+            plan)
 
 
 def stored_config(output_dir):
