@@ -33,6 +33,7 @@ from sbt_keras.config import Config
 from sbt_keras.errors import ConfigError
 from sbt_keras.config import EXECUTION_FIELDS
 from sbt_keras.train import train
+from sbt_keras.training.progress import SweepProgress
 
 SWEEP_FILE = results.SWEEP_FILE  # its presence marks a sweep directory
 RESULTS_STEM = "results"
@@ -73,14 +74,17 @@ def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
         max_consecutive_failed_trials=len(skipped) + 3)
     axes = [f for f, _ in grid.axes]
     points = {tuple(p.as_dict()[f] for f in axes): p for p in grid.points()}
+    progress = SweepProgress(out, valid, len(skipped))  # trial headers, ETA, best so far
     tuner = _GridTuner(
-        oracle=oracle, run_point=lambda point: _run_point(out, point, configs, skipped_names,
-                                                          extra_callbacks),
+        oracle=oracle, run_point=progress.wrap(lambda point: _run_point(
+            out, point, configs, skipped_names, extra_callbacks)),
         point_of=lambda values: points[tuple(values[f] for f in axes)],
         directory=os.path.join(out, "tuner"),
         project_name=_grid_hash(grid), overwrite=False)
     tuner.search(verbose=0)
-    return write_results(out)
+    rows = write_results(out)
+    progress.finished()
+    return rows
 
 
 def run_local_workers(argv, workers):

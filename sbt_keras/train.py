@@ -16,7 +16,7 @@ import time
 
 from absl import logging
 
-from sbt_keras import memory, results
+from sbt_keras import memory, results, summary
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
 from sbt_keras.training import norm_records, resume, snapshot
@@ -39,7 +39,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
     import tensorflow as tf
 
     from sbt_keras import data, distribute
-    from sbt_keras.training import callbacks, schedules
+    from sbt_keras.training import callbacks, progress, schedules
     from sbt_keras.training.builder import build_model
 
     # ------------------------------------------------------------------ Records
@@ -79,6 +79,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         with strategy.scope():
             network, model = build_model(cfg, info, bn_batch_size, schedule)
         memory.check_run_fits(cfg, network)
+        summary.log_start(cfg, info, network, replicas, bn_batch_size, schedule)
 
         # -------------------------------------------------------------- Resume
         metric_variables = [v for m in model.metrics for v in m.variables]
@@ -110,6 +111,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             checkpoint, functools.partial(snapshot.epoch_checkpoint_prefix, out),
             cfg.keep_checkpoint_every_epochs, divergence)
         ] if cfg.keep_checkpoint_every_epochs else []
+        run_progress = progress.callbacks_for_run(cfg, steps_per_epoch)
         started = time.monotonic()
         with callbacks.Preemption() as preemption:
             checkpointer = callbacks.Checkpointer(manager, divergence, preemption,
@@ -124,7 +126,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                           steps_per_epoch=steps_per_epoch - phase.skip,
                           validation_data=test_ds, validation_steps=eval_steps,
                           verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
-                          callbacks=[restore_metrics, divergence, recorder,
+                          callbacks=[restore_metrics, divergence, recorder, *run_progress,
                                      callbacks.EpochLog(cfg.epochs), checkpointer,
                                      *snapshots, *extra_callbacks])
         session_steps = int(model.optimizer.iterations.numpy()) - start_step
