@@ -56,7 +56,8 @@ class Config:
     bn_batch_size: int = setting(0, "Examples per BN statistics group inside each replica's "
                                  "batch; 0 = the whole per-replica batch (ordinary BN).",
                                  group="normalization", hparam=True)
-    bn_momentum: float = setting(0.99, "BN moving-average momentum.", group="normalization")
+    bn_momentum: float = setting(0.99, "BN moving-average momentum, per step.",
+                                 group="normalization")
     bn_epsilon: float = setting(1e-3, "BN variance epsilon.", group="normalization")
     bn_sync: bool = setting(False, "Synchronized BN: statistics over the whole global batch, "
                             "across replicas (the paper's per-worker BN is the default).",
@@ -117,7 +118,8 @@ class Config:
     synthetic_train: int = setting(1024, "Synthetic data: training examples.", group="data")
     synthetic_test: int = setting(256, "Synthetic data: test examples.", group="data")
     # Optimisation: summed-gradient SGD, eta = batch_size * base_lr.
-    batch_size: int = setting(128, "SGD batch size m (global, all replicas).",
+    batch_size: int = setting(128, "SGD batch size m: examples per step, all replicas "
+                              "together.",
                               group="optimization", hparam=True)
     base_lr: Optional[float] = setting(
         None, "Base learning rate eta_tilde of the summed-gradient update; the mean-gradient "
@@ -132,12 +134,14 @@ class Config:
     weight_decay_on: str = setting("kernels", "Decay conv/dense kernels only, or all "
                                    "trainable variables.", group="optimization",
                                    choices=models.DECAY_SCOPES)
-    epochs: int = setting(82, "Training epochs.", group="schedule", hparam=True)
+    epochs: int = setting(82, "Training epochs (passes over the training set).",
+                         group="schedule", hparam=True)
     lr_decay_fractions: Tuple[float, ...] = setting(
         (0.5, 0.75), "Multiply the learning rate by --lr_decay_factor at these fractions of "
         "all iterations (each boundary rounded half up to a whole step).", group="schedule")
     lr_decay_epochs: Tuple[int, ...] = setting(
-        (), "Decay at the start of these epochs instead of at fractions.", group="schedule")
+        (), "Decay at the start of these epochs (counted from 0, so 30 = after 30 epochs) "
+        "instead of at fractions.", group="schedule")
     lr_decay_factor: float = setting(0.1, "Multiplier at each decay.", group="schedule")
     warmup: bool = setting(False, "Goyal et al. gradual warm-up: start at "
                            "eta * warmup_start_factor, linear to eta over warmup_fraction of "
@@ -159,7 +163,7 @@ class Config:
         0, "Also keep the initial weights and every K-th epoch end as checkpoints of their "
         "own (checkpoints/epochs/), for warm starts, interpolation and the instruments "
         "(0 = only the newest 3 rolling checkpoints).", group="records", execution=True)
-    eval_batch_size: int = setting(512, "Test-set batch size, a power of two so that any "
+    eval_batch_size: int = setting(512, "Test-set batch size in examples, a power of two so any "
                                    "replica count divides it; the last batch is padded "
                                    "(padding not counted).", group="records", execution=True)
     histogram_freq: int = setting(0, "Write weight histograms to TensorBoard every N epochs "
