@@ -107,7 +107,7 @@ class RunProgress(keras.callbacks.Callback):
         if self._bar is not None:
             self._bar.update(new)
             if now - self._last_line >= 1.0:  # the postfix at most once a second
-                self._bar.set_postfix_str(self._etas(), refresh=False)
+                self._bar.set_postfix_str(self._etas(epoch=False), refresh=False)
                 self._last_line = now
         elif self.every_seconds and now - self._last_line >= self.every_seconds:
             self.log(self.line())
@@ -155,9 +155,10 @@ class RunProgress(keras.callbacks.Callback):
             return f"{where}  (measuring speed)"
         return f"{where}  {rate:.1f} steps/s  {self._etas()}"
 
-    def _etas(self):
-        parts = [f"epoch ETA {cost.duration(self.epoch_eta())}",
-                 f"run ETA {cost.duration(self.run_eta())}"]
+    def _etas(self, epoch=True):
+        """The ETAs; the bar shows the epoch's itself, so `epoch=False` leaves it out."""
+        parts = [f"epoch ETA {cost.duration(self.epoch_eta())}"] if epoch else []
+        parts.append(f"run ETA {cost.duration(self.run_eta())}")
         if self.sweep_remaining is not None and self.run_eta() is not None:
             after = self.sweep_remaining(1.0 / self.steps_per_second)
             if after is not None:
