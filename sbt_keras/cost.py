@@ -2,25 +2,30 @@
 
 A step's time on one device is close to a + b·m: a per-step floor (kernel launches, the
 optimizer, the host round trip, amortised over `steps_per_execution`) plus a cost per
-example. `DOCUMENTED_STEP_MS` holds step times measured with `make bench` (sbt step on
-in-memory data) on this project's 2-core CPU; `StepTimes` prefers step times measured in
-the sweep itself and falls back to the documented ones. Used by `--dry_run` and by the
+example. `DOCUMENTED_STEP_MS` holds step times of the sbt step on in-memory data on this
+project's 2-core CPU (see its comment for how each was measured); `StepTimes` prefers step
+times measured in the sweep itself and falls back to the documented ones. Used by `--dry_run` and by the
 sweep's ETA (training/progress.py).
 """
 import math
 
 # ms per training step on the project's 2-core CPU (no GPU), 32x32x3 inputs, float32, the run
-# defaults (steps_per_execution 10 here), median of 3 blocks of 10 steps; measured with
-#   python -m tools.bench --models=M --norms=N --batch_sizes=2,8,32,128,512 \
-#       --baselines= --noinput_pipeline --steps=10
-# on 2026-12-01 (docs/bench_cpu.md, "Step times for the cost model"). Other norms use the
-# model's `batch` row, whose per-example cost is within ~15% of every other norm's there.
+# defaults, sbt step on in-memory data. resnet20 + BN: `make bench` on a quiet machine
+# (2026-11-22, the README's table). The other models: resnet20's times scaled by each model's
+# step-time ratio to resnet20, the median over m = 2 ... 512 of one interleaved run
+#   python -m tools.bench --cost_table=resnet20:batch,resnet8:none,resnet8:batch,\
+#       resnet32:batch,alexnet_reduced:batch,alexnet_reduced:none --steps=10
+# (2026-12-01; the machine was shared, load 4-8 on 2 cores, so the ratios scatter by up to
+# 2x across m and only their median is used; docs/bench_cpu.md). An estimate, good to a
+# factor of about 1.5: a sweep replaces it with its own step times after its first trials.
+# Other norms use the model's `batch` row.
 DOCUMENTED_STEP_MS = {
-    ("resnet8", "none"): {2: 4.9, 8: 8.2, 32: 20.6, 128: 69.0, 512: 271.0},
-    ("resnet8", "batch"): {2: 5.8, 8: 9.6, 32: 23.1, 128: 81.3, 512: 310.0},
-    ("resnet20", "batch"): {2: 14.3, 8: 23.5, 32: 55.4, 128: 199.7, 512: 750.3},
-    ("resnet32", "batch"): {2: 22.6, 8: 37.4, 32: 92.0, 128: 330.0, 512: 1240.0},
-    ("alexnet_reduced", "batch"): {2: 3.1, 8: 5.6, 32: 14.8, 128: 52.0, 512: 203.0},
+    ("resnet20", "batch"): {2: 16.2, 8: 24.1, 32: 55.4, 128: 199.7, 512: 750.3},
+    ("resnet8", "none"): {2: 4.9, 8: 7.3, 32: 16.7, 128: 60.2, 512: 226.1},
+    ("resnet8", "batch"): {2: 6.4, 8: 9.5, 32: 21.9, 128: 78.8, 512: 296.1},
+    ("resnet32", "batch"): {2: 21.5, 8: 32.0, 32: 73.7, 128: 265.6, 512: 997.7},
+    ("alexnet_reduced", "batch"): {2: 4.2, 8: 6.3, 32: 14.4, 128: 52.0, 512: 195.5},
+    ("alexnet_reduced", "none"): {2: 3.5, 8: 5.2, 32: 11.8, 128: 42.7, 512: 160.5},
 }
 DOCUMENTED_WHERE = "the project's 2-core CPU (docs/bench_cpu.md)"
 # Seconds a sweep trial spends outside its epochs (building the model, tracing its train and

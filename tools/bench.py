@@ -57,6 +57,9 @@ def define_flags():
                          "callback (training/progress.py): its log-line mode and its tqdm bar "
                          "(drawn to /dev/null), interleaved with the plain step.")
     flags.DEFINE_string("out", "runs/bench", "Where bench.md and bench.json go.")
+    flags.DEFINE_list("cost_table", [], "Instead: the step-time table of sbt_keras/cost.py "
+                      "for these MODEL:NORM pairs (e.g. resnet8:none,resnet20:batch), all "
+                      "pairs of one m interleaved, so their ratios hold on a busy machine.")
 
 
 # ---------------------------------------------------------------------- measurements
@@ -350,8 +353,30 @@ def markdown(rows, device):
     return "\n".join(lines)
 
 
+def cost_table(pairs, batch_sizes, steps=10, repeats=3, shape=(32, 32, 3)):
+    """{(model, norm): {m: ms per step}} of the sbt step (run defaults, in-memory data),
+    the pairs of each m timed in turn, block by block (see `interleaved`)."""
+    table = {pair: {} for pair in pairs}
+    for m in batch_sizes:
+        blocks = {pair: sbt_block(*pair, m, shape, 0, steps, 0, False)[0] for pair in pairs}
+        for pair, seconds in interleaved(blocks, repeats).items():
+            table[pair][m] = seconds * 1e3
+            print(f"{pair[0]}:{pair[1]}  m={m}  {seconds * 1e3:.2f} ms/step", flush=True)
+    return table
+
+
 def main(argv):
     del argv
+    if FLAGS.cost_table:
+        pairs = [tuple(item.split(":")) for item in FLAGS.cost_table]
+        table = cost_table(pairs, [int(m) for m in FLAGS.batch_sizes], FLAGS.steps,
+                           FLAGS.repeats)
+        text = "DOCUMENTED_STEP_MS = {\n" + "".join(
+            f"    {pair!r}: {{{', '.join(f'{m}: {ms:.1f}' for m, ms in row.items())}}},\n"
+            for pair, row in table.items()) + "}"
+        results.write_text_atomic(os.path.join(FLAGS.out, "cost_table.py"), text + "\n")
+        print(text)
+        return
     unknown = sorted(set(FLAGS.norms) - set(norms.NORM_NAMES))
     if unknown:
         raise app.UsageError(f"--norms: unknown {', '.join(unknown)}; choose from "
