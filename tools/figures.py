@@ -102,28 +102,25 @@ def batch_colors(batch_sizes, cmap="viridis"):
 
 
 def diverged_offsets(keys, spacing):
-    """{key: x offset} spreading the diverged markers of len(keys) lines over 60% of the
+    """{key: x offset} spreading the diverged markers of len(keys) lines over 40% of the
     grid spacing, centred, in the order given."""
     n = len(keys)
-    width = 0.6 * spacing
+    width = 0.4 * spacing
     return {k: (i - (n - 1) / 2) * (width / max(n - 1, 1)) for i, k in enumerate(keys)}
 
 
 def _chance_and_legend(ax, rows, title=None, **legend):
-    """The chance line (where diverged runs are drawn) and a legend that explains both;
-    with many entries the legend goes beside the axes."""
+    """The chance line (where diverged runs are drawn) and a legend beside the axes that
+    explains both."""
     diverged = [r for r in rows if r["status"] == "diverged"]
     if diverged:
         chance = _median([r["test_accuracy"] * 100 for r in diverged])
         ax.axhline(chance, color="0.6", lw=0.8, ls="--", label=f"chance ({chance:.3g}%)")
         ax.plot([], [], "x", color="0.3", ms=7, mew=1.5,
                 label="diverged (drawn at chance,\nside by side per m)")
-    handles, labels = ax.get_legend_handles_labels()
-    if len(handles) > 8:
-        ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                  borderaxespad=0.0, title=title, **legend)
-    else:
-        ax.legend(handles, labels, fontsize=8, title=title, **legend)
+    # Beside the axes: inside, a legend this long covers the curves it explains.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              title=title, title_fontsize=8, **legend)
 
 
 def _by_batch(rows):
