@@ -29,6 +29,12 @@ keras-tuner 1.4 (`sbt_keras/sweep.py`):
   keras-tuner writes its oracle, trial and tuner JSON in place, so a kill during a save
   leaves truncated JSON that stops the resume; ours write them atomically. No upstream
   issue found.
+
+Log texts matched, not hooks (`sbt_keras/console.py`; if an upgrade rewords one, that line is
+simply shown again): TensorFlow's native start-up lines without a GPU (cudart_stub's "Could
+not find cuda drivers", cuda_platform's "failed call to cuInit", port.cc's "oneDNN custom
+operations are on", absl's "All log messages before absl::InitializeLog()" banner) and
+tf.function's "... triggered tf.function retracing" warning.
 """
 import inspect
 

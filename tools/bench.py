@@ -13,6 +13,9 @@ For every (model, norm, m), in one process on whatever device is present:
   torch    an equivalent PyTorch loop (ResNets only; when torch is installed)
   limit    training FLOPs per example x sbt examples/s, as a fraction of the device's
            measured float32 matmul peak
+With --progress, also the same step with the run's progress callback (log lines, tqdm bar)
+and the callback's own cost per call; --cost_table=MODEL:NORM,... instead times those pairs
+interleaved per m and prints sbt_keras/cost.py's step-time table.
 Each number is the median of --repeats timed blocks of --steps steps, after a warm-up block
 (tracing and compilation excluded). The contenders take turns, one block each per round, so
 a slow spell of a shared machine hits them alike and the ratios stay comparable. Also: the input pipeline's examples/s with augmentation,
