@@ -63,7 +63,8 @@ class Config:
     bn_batch_size: int = setting(0, "Examples per BN statistics group inside each replica's "
                                  "batch; 0 = the whole per-replica batch (ordinary BN).",
                                  group="normalization", hparam=True)
-    bn_momentum: float = setting(0.99, "BN moving-average momentum.", group="normalization")
+    bn_momentum: float = setting(0.99, "BN moving-average momentum, per step.",
+                                 group="normalization")
     bn_epsilon: float = setting(1e-3, "Epsilon added to every normalization's variance.",
                                 group="normalization")
     bn_sync: bool = setting(False, "Synchronized BN: statistics over the whole global batch, "
@@ -128,7 +129,8 @@ class Config:
     synthetic_train: int = setting(1024, "Synthetic data: training examples.", group="data")
     synthetic_test: int = setting(256, "Synthetic data: test examples.", group="data")
     # Optimisation: summed-gradient SGD, eta = batch_size * base_lr.
-    batch_size: int = setting(128, "SGD batch size m (global, all replicas).",
+    batch_size: int = setting(128, "SGD batch size m: examples per step, all replicas "
+                              "together.",
                               group="optimization", hparam=True)
     base_lr: Optional[float] = setting(
         None, "Base learning rate eta_tilde of the summed-gradient update; the mean-gradient "
@@ -144,12 +146,14 @@ class Config:
                                    "trainable variables but --norm=mix's mixing logits.",
                                    group="optimization",
                                    choices=models.DECAY_SCOPES)
-    epochs: int = setting(82, "Training epochs.", group="schedule", hparam=True)
+    epochs: int = setting(82, "Training epochs (passes over the training set).",
+                         group="schedule", hparam=True)
     lr_decay_fractions: Tuple[float, ...] = setting(
         (0.5, 0.75), "Multiply the learning rate by --lr_decay_factor at these fractions of "
         "all iterations (each boundary rounded half up to a whole step).", group="schedule")
     lr_decay_epochs: Tuple[int, ...] = setting(
-        (), "Decay at the start of these epochs instead of at fractions.", group="schedule")
+        (), "Decay at the start of these epochs (counted from 0, so 30 = after 30 epochs) "
+        "instead of at fractions.", group="schedule")
     lr_decay_factor: float = setting(0.1, "Multiplier at each decay.", group="schedule")
     warmup: bool = setting(False, "Goyal et al. gradual warm-up: start at "
                            "eta * warmup_start_factor, linear to eta over warmup_fraction of "
@@ -180,7 +184,7 @@ class Config:
     gns_ema: float = setting(0.99, "Decay of the separate moving averages of |G|^2 and "
                              "tr(Sigma) before their ratio, in (0, 1).", group="records",
                              legacy=0.99)
-    eval_batch_size: int = setting(512, "Test-set batch size, a power of two so that any "
+    eval_batch_size: int = setting(512, "Test-set batch size in examples, a power of two so any "
                                    "replica count divides it; the last batch is padded "
                                    "(padding not counted).", group="records", execution=True)
     histogram_freq: int = setting(0, "Write weight histograms to TensorBoard every N epochs "

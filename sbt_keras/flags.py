@@ -69,6 +69,20 @@ def define_sweep_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                          "...; more than 1 makes the seed a grid axis.", **where)
 
 
+def define_command_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """How the command behaves and what it prints; not settings of a run (never recorded)."""
+    where = dict(flag_values=fv, module_name=HELP_MODULE.format("command"))
+    flags.DEFINE_boolean("dry_run", False, "Print the resolved settings (one run) or every grid "
+                         "point, valid or skipped and why, with its steps and estimated time "
+                         "(a sweep), then exit without training or importing TensorFlow.",
+                         **where)
+    flags.DEFINE_boolean("verbose", False, "Log lines with absl's prefix (level, time, thread, "
+                         "file:line), and TensorFlow's start-up messages unfiltered.", **where)
+    flags.DEFINE_float("progress_seconds", 30.0, "Seconds between progress lines (steps, "
+                       "steps/s, ETA) when stderr is not a terminal; 0: none. On a terminal "
+                       "a progress bar is drawn instead.", lower_bound=0.0, **where)
+
+
 def grid_texts_from_flags(fv: flags.FlagValues = flags.FLAGS) -> dict:
     return {field: fv[f"grid_{field}"].value for field in GRID_FLAGS}
 

@@ -98,6 +98,9 @@ def _write_text_atomic(path, text):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give it the mode a plain open() would (0666 less
+        # the umask), so collaborators sharing the directory can read the records.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -105,8 +108,30 @@ def _write_text_atomic(path, text):
         raise
 
 
+def _umask():
+    """The process's umask. Linux shows it in /proc (read-only, thread-safe); elsewhere it is
+    read by setting it and putting it back, which a file created by another thread in
+    between would see, so that is done once and kept."""
+    global _UMASK
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK = None
+
+
 def write_yaml(path, obj):
-    write_text_atomic(path, yaml.safe_dump(obj, sort_keys=False, default_flow_style=None))
+    """Block style throughout (one setting per line, lists one item per line)."""
+    write_text_atomic(path, yaml.safe_dump(obj, sort_keys=False, default_flow_style=False))
 
 
 def read_yaml(path):

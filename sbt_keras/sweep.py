@@ -34,6 +34,7 @@ from sbt_keras.config import Config
 from sbt_keras.errors import ConfigError, DamagedRecord, first_line
 from sbt_keras.config import EXECUTION_FIELDS, legacy_values
 from sbt_keras.train import train
+from sbt_keras.training.progress import SweepProgress
 
 SWEEP_FILE = results.SWEEP_FILE  # its presence marks a sweep directory
 RESULTS_STEM = "results"
@@ -77,9 +78,10 @@ def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
         max_consecutive_failed_trials=sweep_faults.NO_KERAS_TUNER_LIMIT)
     axes = [f for f, _ in grid.axes]
     points = {tuple(p.as_dict()[f] for f in axes): p for p in grid.points()}
+    progress = SweepProgress(out, valid, len(skipped))  # trial headers, ETA, best so far
     tuner = _GridTuner(
-        oracle=oracle, run_point=lambda point: _run_point(out, point, configs, skipped_names,
-                                                          extra_callbacks),
+        oracle=oracle, run_point=progress.wrap(lambda point: _run_point(
+            out, point, configs, skipped_names, extra_callbacks)),
         point_of=lambda values: points[tuple(values[f] for f in axes)],
         directory=os.path.join(out, "tuner"),
         project_name=_grid_hash(grid), overwrite=False,
@@ -89,6 +91,7 @@ def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
     tuner.search(verbose=0)
     rows = write_results(out)
     logging.info(sweep_faults.summary(rows, retried))
+    progress.finished()
     return rows
 
 

@@ -16,12 +16,11 @@ import time
 
 from absl import logging
 
-from sbt_keras import memory, models, results
+from sbt_keras import claim, memory, models, results, storage, summary
 from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
 from sbt_keras.training import (noise_records, norm_records, resume, sharpness_callback,
                                 snapshot, train_eval, warm_start)
-from sbt_keras import claim, storage
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
@@ -42,7 +41,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
     import tensorflow as tf
 
     from sbt_keras import data, distribute
-    from sbt_keras.training import callbacks, schedules
+    from sbt_keras.training import callbacks, progress, schedules
     from sbt_keras.training.builder import build_model
 
     # ------------------------------------------------------------------ Records
@@ -82,6 +81,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         with strategy.scope():
             network, model = build_model(cfg, info, bn_batch_size, schedule)
         memory.check_run_fits(cfg, network)
+        summary.log_start(cfg, info, network, replicas, bn_batch_size, schedule)
 
         # -------------------------------------------------------------- Resume
         metric_variables = [v for m in model.metrics for v in m.variables]
@@ -117,6 +117,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
             checkpoint, functools.partial(snapshot.epoch_checkpoint_prefix, out),
             cfg.keep_checkpoint_every_epochs, divergence)
         ] if cfg.keep_checkpoint_every_epochs else []
+        run_progress = progress.callbacks_for_run(cfg, steps_per_epoch)
         started = time.monotonic()
         with callbacks.Preemption() as preemption:
             checkpointer = callbacks.Checkpointer(manager, divergence, preemption,
@@ -135,6 +136,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                           validation_data=test_ds, validation_steps=eval_steps,
                           verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
                           callbacks=[restore_metrics, divergence, *noise, *measures, recorder,
+                                     *run_progress,
                                      callbacks.EpochLog(cfg.epochs), checkpointer,
                                      *snapshots, *extra_callbacks])
         session_steps = int(model.optimizer.iterations.numpy()) - start_step

@@ -40,6 +40,12 @@ keras-tuner 1.4 (`sbt_keras/sweep.py`):
   new session, so a passing failure (full disk, a crashed input pipeline) would stay
   failed for good; re-running a sweep puts them back in the retry queue. No upstream issue
   found.
+
+Log texts matched, not hooks (`sbt_keras/console.py`; if an upgrade rewords one, that line is
+simply shown again): TensorFlow's native start-up lines without a GPU (cudart_stub's "Could
+not find cuda drivers", cuda_platform's "failed call to cuInit", port.cc's "oneDNN custom
+operations are on", absl's "All log messages before absl::InitializeLog()" banner) and
+tf.function's "... triggered tf.function retracing" warning.
 """
 import inspect
 

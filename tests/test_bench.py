@@ -52,7 +52,8 @@ def smoke():
         patch.setattr(bench, "_network", lambda *args: _tiny())
         patch.setattr(bench, "matmul_peak_flops", lambda: PEAK)
         return bench.run(["resnet8"], ["batch"], [2, 4], steps=2, repeats=1,
-                         baselines=("fit",), input_pipeline=True, shape=(8, 8, 3))
+                         baselines=("fit",), input_pipeline=True, shape=(8, 8, 3),
+                         progress=True)
 
 
 def test_smoke_rows_have_every_measurement(smoke):
@@ -62,8 +63,10 @@ def test_smoke_rows_have_every_measurement(smoke):
     for row in rows:
         for key in ("sbt_ms", "fit_ms", "sbt_fed_ms", "speedup_vs_fit", "limit_fraction",
                     "fit_limit_fraction", "sbt_examples_per_s", "pipeline_examples_per_s",
-                    "pipeline_vs_step", "host_rss_mb", "activation_mb"):
+                    "pipeline_vs_step", "host_rss_mb", "activation_mb", "progress_ms",
+                    "bar_ms"):
             assert row[key] > 0, key
+        assert "progress_overhead" in row and "bar_overhead" in row
 
 
 @pytest.mark.parametrize("index, m", [(0, 2), (1, 4)])
@@ -85,6 +88,8 @@ def test_smoke_step_memory_is_the_hand_counted_floor(smoke, index, m):
 
 def test_smoke_markdown(smoke):
     rows, device = smoke
+    assert set(device["progress_hook_us"]) == {"lines", "bar"}
+    assert all(us > 0 for us in device["progress_hook_us"].values())
     assert device["matmul_peak_gflops"] == pytest.approx(2.0)
     text = bench.markdown(rows, device)
     assert "| resnet8 | batch | 2 |" in text and "| resnet8 | batch | 4 |" in text

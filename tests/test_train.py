@@ -84,11 +84,18 @@ def test_tensorboard_scalars_match_the_history(finished_run):
     assert {"loss", "accuracy", "learning_rate", "base_lr"} <= set(train_scalars)
     assert {"loss", "accuracy"} <= set(test_scalars)
     for column, scalars, tag in (("train_loss", train_scalars, "loss"),
-                                 ("test_accuracy", test_scalars, "accuracy"),
-                                 ("learning_rate", train_scalars, "learning_rate")):
-        assert [step for step, _ in scalars[tag]] == [1, 2, 3]  # one per epoch
+                                 ("test_accuracy", test_scalars, "accuracy")):
+        # One per epoch, at the global step: the x-axis counts SGD updates.
+        assert [step for step, _ in scalars[tag]] == [8, 16, 24]
         assert [value for _, value in scalars[tag]] == pytest.approx(
             [float(r[column]) for r in rows])
+    # The learning rate also on both sides of each decay (steps 12 and 18 of 24), so the
+    # drops are steps in TensorBoard, not ramps between epoch ends.
+    rate = 8 * 2.0 ** -6
+    steps, rates = zip(*sorted(train_scalars["learning_rate"]))
+    assert steps == (8, 12, 13, 16, 18, 19, 24)
+    assert rates == pytest.approx([rate, rate, rate / 10, rate / 10, rate / 10, rate / 100,
+                                   rate / 100])
 
 
 def test_tensorboard_hparams_metric_is_the_result(finished_run):

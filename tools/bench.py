@@ -13,6 +13,9 @@ For every (model, norm, m), in one process on whatever device is present:
   torch    an equivalent PyTorch loop (ResNets only; when torch is installed)
   limit    training FLOPs per example x sbt examples/s, as a fraction of the device's
            measured float32 matmul peak
+With --progress, also the same step with the run's progress callback (log lines, tqdm bar)
+and the callback's own cost per call; --cost_table=MODEL:NORM,... instead times those pairs
+interleaved per m and prints sbt_keras/cost.py's step-time table.
 Each number is the median of --repeats timed blocks of --steps steps, after a warm-up block
 (tracing and compilation excluded). The contenders take turns, one block each per round, so
 a slow spell of a shared machine hits them alike and the ratios stay comparable. Also: the input pipeline's examples/s with augmentation,
@@ -59,7 +62,13 @@ def define_flags():
     flags.DEFINE_boolean("gradient_noise", False, "Also time the step that measures the "
                          "gradient noise (--gns_every_steps) once per block of --steps, where "
                          "the batch's halves keep the BN groups whole (--bn_batch_size).")
+    flags.DEFINE_boolean("progress", False, "Also time the sbt step with the run's progress "
+                         "callback (training/progress.py): its log-line mode and its tqdm bar "
+                         "(drawn to /dev/null), interleaved with the plain step.")
     flags.DEFINE_string("out", "runs/bench", "Where bench.md and bench.json go.")
+    flags.DEFINE_list("cost_table", [], "Instead: the step-time table of sbt_keras/cost.py "
+                      "for these MODEL:NORM pairs (e.g. resnet8:none,resnet20:batch), all "
+                      "pairs of one m interleaved, so their ratios hold on a busy machine.")
 
 
 # ---------------------------------------------------------------------- measurements
@@ -84,15 +93,15 @@ def _data(m, shape, classes=10):
     return tf.data.Dataset.from_tensors((x, y)).repeat()
 
 
-def _fit_block(model, m, shape, steps, data=None):
+def _fit_block(model, m, shape, steps, data=None, callbacks=()):
     """A function that fits `steps` steps and returns the seconds per step (fit's own
     set-up excluded: the timer runs from epoch begin to epoch end). `data` defaults to one
-    in-memory batch repeated."""
+    in-memory batch repeated; `callbacks` run beside the timer."""
     data, timer = data or _data(m, shape), _BlockTimer()
 
     def block():
         model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False,
-                  callbacks=[timer])
+                  callbacks=[timer, *callbacks])
         return timer.seconds[-1] / steps
 
     return block
@@ -118,11 +127,45 @@ def _network(name, norm, m, bn_batch_size, shape):
     return models.build(name, input_shape=shape, num_classes=10, norm=norm, **options)
 
 
+def progress_blocks(model, m, shape, steps):
+    """{name: block}: the same compiled step with the run's progress callback, writing its
+    lines (every 30 s, as in a log) or drawing its tqdm bar (to /dev/null)."""
+    from sbt_keras.training.progress import RunProgress
+
+    lines = RunProgress(steps_per_epoch=steps, epochs=1, every_seconds=30.0,
+                        log=lambda line: None)
+    bar = RunProgress(steps_per_epoch=steps, epochs=1, bar=True,
+                      file=open(os.devnull, "w"))  # noqa: SIM115 - open for the process
+    return {"sbt_progress": _fit_block(model, m, shape, steps, callbacks=[lines]),
+            "sbt_bar": _fit_block(model, m, shape, steps, callbacks=[bar])}
+
+
+def progress_hook_microseconds(calls=20000):
+    """{mode: µs} one call of the progress callback's batch hook costs on the host, for its
+    log-line mode and its tqdm bar (drawn to /dev/null): what it adds per block of
+    steps_per_execution steps, free of the step-time noise of a shared machine."""
+    from sbt_keras.training.progress import RunProgress
+
+    out = {}
+    for mode, options in (("lines", dict(every_seconds=30.0, log=lambda line: None)),
+                          ("bar", dict(bar=True, file=open(os.devnull, "w")))):  # noqa: SIM115
+        callback = RunProgress(steps_per_epoch=calls, epochs=1, **options)
+        callback.set_params({"steps": calls})
+        callback.on_epoch_begin(0)
+        start = time.perf_counter()
+        for batch in range(calls - 1):
+            callback.on_train_batch_end(batch)
+        out[mode] = (time.perf_counter() - start) / (calls - 1) * 1e6
+        callback.on_train_end()
+    return out
+
+
 def sbt_block(name, norm, m, shape, bn_batch_size, steps, spe, jit, unrolled=1,
-              input_pipeline=False, gns_every_steps=0):
+              input_pipeline=False, gns_every_steps=0, progress=None):
     """(block on in-memory data, block fed by the augmenting input pipeline or None, net):
     the same compiled model for both. `gns_every_steps` > 0 measures the gradient noise
-    (one device: the batch's halves) on the last step of every block of that many steps."""
+    (one device: the batch's halves) on the last step of every block of that many steps;
+    `progress`: a dict that receives progress_blocks of that model."""
     net = _network(name, norm, m, bn_batch_size, shape)
     model = SummedGradientModel(
         net, models.spec(name).weight_decay, models.decayed_variables(net),
@@ -132,6 +175,8 @@ def sbt_block(name, norm, m, shape, bn_batch_size, steps, spe, jit, unrolled=1,
                   jit_compile=jit)
     fed = (_fit_block(model, m, shape, steps, data=_pipeline_dataset(m, shape))
            if input_pipeline else None)
+    if progress is not None:
+        progress.update(progress_blocks(model, m, shape, steps))
     return _fit_block(model, m, shape, steps), fed, net
 
 
@@ -259,16 +304,18 @@ def sharpness_markdown(rows):
 # ---------------------------------------------------------------------- report
 def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3, spe=0,
         jit=False, unrolled=1, baselines=("fit", "torch"), input_pipeline=True,
-        shape=(32, 32, 3), gns=0):
+        shape=(32, 32, 3), gns=0, progress=False):
     """All measurements as a list of dict rows, plus the device description."""
     peak = matmul_peak_flops()
     rows = []
     for name in model_names:
         for norm in norms:
             for m in batch_sizes:
-                blocks = {}
+                blocks, extra = {}, ({} if progress else None)
                 blocks["sbt"], fed, net = sbt_block(name, norm, m, shape, bn_batch_size,
-                                                    steps, spe, jit, unrolled, input_pipeline)
+                                                    steps, spe, jit, unrolled, input_pipeline,
+                                                    extra)
+                blocks.update(extra or {})
                 if fed is not None:  # the same step, fed by the real input pipeline
                     blocks["sbt_fed"] = fed
                 if gns and _splits(norm, m, bn_batch_size):  # the step measuring the noise
@@ -294,6 +341,11 @@ def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3
                 if "fit" in seconds:
                     row.update(fit_ms=seconds["fit"] * 1e3, speedup_vs_fit=seconds["fit"] / sbt,
                                fit_limit_fraction=ideal / seconds["fit"])
+                if "sbt_progress" in seconds:  # the progress callback's cost per step
+                    row.update(progress_ms=seconds["sbt_progress"] * 1e3,
+                               progress_overhead=seconds["sbt_progress"] / sbt - 1,
+                               bar_ms=seconds["sbt_bar"] * 1e3,
+                               bar_overhead=seconds["sbt_bar"] / sbt - 1)
                 if "torch" in seconds:
                     row.update(torch_ms=seconds["torch"] * 1e3,
                                speedup_vs_torch=seconds["torch"] / sbt)
@@ -313,6 +365,8 @@ def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3
               "keras": keras.__version__, "steps": steps, "repeats": repeats,
               "steps_per_execution": spe or steps, "unrolled_steps": unrolled,
               "jit_compile": jit}
+    if progress:
+        device["progress_hook_us"] = progress_hook_microseconds()
     return rows, device
 
 
@@ -320,6 +374,10 @@ COLUMNS = [("model", "model", "{}"), ("norm", "norm", "{}"), ("m", "m", "{}"),
            ("sbt_ms", "sbt ms/step", "{:.2f}"), ("sbt_examples_per_s", "sbt ex/s", "{:.0f}"),
            ("sbt_fed_ms", "sbt ms/step, real input pipeline", "{:.2f}"),
            ("gns_ms", "sbt ms/step, noise every block", "{:.2f}"),
+           ("progress_ms", "with progress lines ms/step", "{:.2f}"),
+           ("progress_overhead", "progress lines cost", "{:+.1%}"),
+           ("bar_ms", "with progress bar ms/step", "{:.2f}"),
+           ("bar_overhead", "progress bar cost", "{:+.1%}"),
            ("fit_ms", "fit ms/step", "{:.2f}"), ("speedup_vs_fit", "× fit", "{:.2f}"),
            ("torch_ms", "torch ms/step", "{:.2f}"), ("speedup_vs_torch", "× torch", "{:.2f}"),
            ("limit_fraction", "% of limit", "{:.1%}"),
@@ -341,7 +399,10 @@ def markdown(rows, device):
              f"peak {device['matmul_peak_gflops']:.0f} GFLOP/s; TF {device['tensorflow']}, "
              f"Keras {device['keras']}; median of {device['repeats']} blocks of "
              f"{device['steps']} steps; sbt steps_per_execution={device['steps_per_execution']}"
-             f", unrolled_steps={device['unrolled_steps']}, jit_compile={device['jit_compile']}.",
+             f", unrolled_steps={device['unrolled_steps']}, jit_compile={device['jit_compile']}."
+             + (" Progress callback's batch hook: {lines:.1f} µs a call (log lines), "
+                "{bar:.1f} µs (tqdm bar), once per steps_per_execution block.".format(
+                    **device["progress_hook_us"]) if "progress_hook_us" in device else ""),
              "",
              "| " + " | ".join(t for _, t, _ in keys) + " |",
              "|" + "---|" * len(keys)]
@@ -351,8 +412,30 @@ def markdown(rows, device):
     return "\n".join(lines)
 
 
+def cost_table(pairs, batch_sizes, steps=10, repeats=3, shape=(32, 32, 3)):
+    """{(model, norm): {m: ms per step}} of the sbt step (run defaults, in-memory data),
+    the pairs of each m timed in turn, block by block (see `interleaved`)."""
+    table = {pair: {} for pair in pairs}
+    for m in batch_sizes:
+        blocks = {pair: sbt_block(*pair, m, shape, 0, steps, 0, False)[0] for pair in pairs}
+        for pair, seconds in interleaved(blocks, repeats).items():
+            table[pair][m] = seconds * 1e3
+            print(f"{pair[0]}:{pair[1]}  m={m}  {seconds * 1e3:.2f} ms/step", flush=True)
+    return table
+
+
 def main(argv):
     del argv
+    if FLAGS.cost_table:
+        pairs = [tuple(item.split(":")) for item in FLAGS.cost_table]
+        table = cost_table(pairs, [int(m) for m in FLAGS.batch_sizes], FLAGS.steps,
+                           FLAGS.repeats)
+        text = "DOCUMENTED_STEP_MS = {\n" + "".join(
+            f"    {pair!r}: {{{', '.join(f'{m}: {ms:.1f}' for m, ms in row.items())}}},\n"
+            for pair, row in table.items()) + "}"
+        results.write_text_atomic(os.path.join(FLAGS.out, "cost_table.py"), text + "\n")
+        print(text)
+        return
     unknown = sorted(set(FLAGS.norms) - set(norms.NORM_NAMES))
     if unknown:
         raise app.UsageError(f"--norms: unknown {', '.join(unknown)}; choose from "
@@ -363,7 +446,7 @@ def main(argv):
                        jit=FLAGS.jit_compile, unrolled=FLAGS.unrolled_steps,
                        baselines=FLAGS.baselines,
                        input_pipeline=FLAGS.input_pipeline,
-                       gns=FLAGS.steps if FLAGS.gradient_noise else 0)
+                       gns=FLAGS.steps if FLAGS.gradient_noise else 0, progress=FLAGS.progress)
     text = markdown(rows, device)
     if FLAGS.sharpness_sample:
         text += "\n\n" + sharpness_markdown(sharpness_costs(FLAGS.models,

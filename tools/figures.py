@@ -25,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from sbt_keras import results  # noqa: E402
@@ -70,18 +71,65 @@ def _by(rows, key):
     return dict(sorted(groups.items()))
 
 
-def _plot_series(ax, xs, rows, label):
-    """A line through the median over seeds, 'x' markers where trials diverged."""
+def _plot_series(ax, xs, rows, label, color=None, diverged_offset=0.0):
+    """A line through the median over seeds, 'x' markers where trials diverged (moved
+    `diverged_offset` along x, so that the diverged trials of several lines at one x stay
+    visible side by side)."""
     points = collections.defaultdict(list)
     for x, r in zip(xs, rows):
         points[x].append(r)
     xs_sorted = sorted(points)
     ys = [_median([r["test_accuracy"] * 100 for r in points[x]]) for x in xs_sorted]
-    line, = ax.plot(xs_sorted, ys, marker="o", ms=4, label=label)
-    div = [(x, r["test_accuracy"] * 100) for x in xs_sorted for r in points[x]
-           if r["status"] == "diverged"]
+    # A point where every seed diverged: the line runs to its 'x', with no 'o' on top.
+    all_diverged = [all(r["status"] == "diverged" for r in points[x]) for x in xs_sorted]
+    line, = ax.plot([x + diverged_offset * d for x, d in zip(xs_sorted, all_diverged)], ys,
+                    marker="o", ms=4, label=label, color=color,
+                    markevery=[i for i, d in enumerate(all_diverged) if not d])
+    div = [(x + diverged_offset, r["test_accuracy"] * 100) for x in xs_sorted
+           for r in points[x] if r["status"] == "diverged"]
     if div:
-        ax.plot(*zip(*div), "x", color=line.get_color(), ms=7)
+        ax.plot(*zip(*div), "x", color=line.get_color(), ms=7, mew=1.5)
+    return line
+
+
+def batch_colors(batch_sizes, cmap="viridis"):
+    """{m: colour} from a sequential colormap over log2 m: ordered like m, and distinct for
+    any number of batch sizes (the paper's 11, m = 2 ... 2048, and more)."""
+    sizes = sorted(set(batch_sizes), key=float)
+    colormap = plt.get_cmap(cmap)
+    if len(sizes) == 1:
+        return {sizes[0]: colormap(0.0)}
+    logs = [math.log2(float(m)) for m in sizes]
+    lo, hi = min(logs), max(logs)
+    # 0 .. 0.9 of viridis: its last tenth is a yellow too pale on white.
+    return {m: colormap(0.9 * (v - lo) / (hi - lo)) for m, v in zip(sizes, logs)}
+
+
+def diverged_offsets(keys, spacing):
+    """{key: x offset} spreading the diverged markers of len(keys) lines over 40% of the
+    grid spacing, centred, in the order given."""
+    n = len(keys)
+    width = 0.4 * spacing
+    return {k: (i - (n - 1) / 2) * (width / max(n - 1, 1)) for i, k in enumerate(keys)}
+
+
+def _chance_and_legend(ax, rows, title=None, **legend):
+    """The chance line (where diverged runs are drawn) and a legend beside the axes that
+    explains both."""
+    diverged = [r for r in rows if r["status"] == "diverged"]
+    if diverged:
+        chance = _median([r["test_accuracy"] * 100 for r in diverged])
+        ax.axhline(chance, color="0.6", lw=0.8, ls="--", label=f"chance ({chance:.3g}%)")
+        ax.plot([], [], "x", color="0.3", ms=7, mew=1.5,
+                label="diverged (drawn at chance,\nside by side per m)")
+    # Beside the axes: inside, a legend this long covers the curves it explains.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              title=title, title_fontsize=8, **legend)
+
+
+def _by_batch(rows):
+    """Rows grouped by batch size, in increasing m (numerically)."""
+    return dict(sorted(_by(rows, "batch_size").items(), key=lambda item: float(item[0])))
 
 
 def _median(values):
@@ -90,32 +138,51 @@ def _median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def plot_lr(rows, out, title=""):
-    """Test accuracy vs log2(eta_tilde), one line per batch size m (paper Fig. 1-3, 5-12)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m, group in _by(rows, "batch_size").items():
-        _plot_series(ax, [r["log2_base_lr"] for r in group], group, f"m = {m}")
+def lr_figure(rows, title=""):
+    """(figure, axes) of test accuracy vs log2(eta_tilde), one line per batch size m."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    groups = _by_batch(rows)
+    colors = batch_colors(groups)
+    offsets = diverged_offsets(list(groups), lr_step(rows))
+    for m, group in groups.items():
+        _plot_series(ax, [r["log2_base_lr"] for r in group], group, f"m = {m}", colors[m],
+                     offsets[m])
     _pow2_ticks(ax, [r["log2_base_lr"] for r in rows])
     ax.set_xlabel(r"base learning rate $\tilde\eta = \eta / m$")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or "Test accuracy vs base learning rate")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    _chance_and_legend(ax, rows)
+    return fig, ax
+
+
+def plot_lr(rows, out, title=""):
+    """Test accuracy vs log2(eta_tilde), one line per batch size m (paper Fig. 1-3, 5-12)."""
+    fig, _ = lr_figure(rows, title)
     return _finish(fig, out)
 
 
-def plot_bn(rows, out, title=""):
-    """Test accuracy vs BN batch size, one line per SGD batch size (paper Fig. 13-14)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m, group in _by(rows, "batch_size").items():
+def bn_figure(rows, title=""):
+    """(figure, axes) of test accuracy vs BN batch size, one line per SGD batch size."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    groups = _by_batch(rows)
+    colors = batch_colors(groups)
+    offsets = diverged_offsets(list(groups), 1.0)
+    for m, group in groups.items():
         _plot_series(ax, [math.log2(r["bn_batch_size"]) for r in group], group,
-                     f"SGD batch m = {m}")
+                     f"m = {m}", colors[m], offsets[m])
     _pow2_ticks(ax, [math.log2(r["bn_batch_size"]) for r in rows])
     ax.set_xlabel("batch size for BN")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or "Test accuracy vs BN batch size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _chance_and_legend(ax, rows, title="SGD batch")
+    return fig, ax
+
+
+def plot_bn(rows, out, title=""):
+    """Test accuracy vs BN batch size, one line per SGD batch size (paper Fig. 13-14)."""
+    fig, _ = bn_figure(rows, title)
     return _finish(fig, out)
 
 
@@ -422,8 +489,8 @@ def plot_warm_start(run_dirs, out, title=""):
     return _finish(fig, out)
 
 
-def plot_curves(runs, out, title=""):
-    """Test accuracy and train loss per epoch for chosen runs (paper Fig. 4)."""
+def curves_figure(runs, title=""):
+    """(figure, (left, right) axes): test accuracy and train loss per epoch of the runs."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for run_dir in runs:
         rows = results.read_csv(os.path.join(run_dir, results.HISTORY_FILE))
@@ -435,10 +502,17 @@ def plot_curves(runs, out, title=""):
     right.set_ylabel("train loss")
     right.set_yscale("log")
     for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or "Convergence curves")
+    return fig, (left, right)
+
+
+def plot_curves(runs, out, title=""):
+    """Test accuracy and train loss per epoch for chosen runs (paper Fig. 4)."""
+    fig, _ = curves_figure(runs, title)
     return _finish(fig, out)
 
 

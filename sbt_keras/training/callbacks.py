@@ -145,11 +145,19 @@ class EpochRecorder(keras.callbacks.Callback):
         self._write_scalars(epoch + 1, row, extra)
 
     def _write_scalars(self, epoch, row, extra=None):
+        # TensorBoard's x-axis is the global step (SGD updates done), so a learning-rate
+        # drop shows as a step at the iteration where it happens, not a ramp across an epoch.
+        step = int(row["step"])
         for split in ("train", "test"):
-            with self._writers[split].as_default(step=epoch):
+            with self._writers[split].as_default(step=step):
                 tf.summary.scalar("loss", row[f"{split}_loss"])
                 tf.summary.scalar("accuracy", row[f"{split}_accuracy"])
-        with self._writers["train"].as_default(step=epoch):
+        first = self.rows[-2]["step"] if len(self.rows) > 1 else 0
+        for x in _rate_change_points(self.schedule, first, step):  # x updates done
+            with self._writers["train"].as_default(step=x):
+                tf.summary.scalar("learning_rate", self.batch_size * float(self.schedule(x - 1)))
+                tf.summary.scalar("base_lr", float(self.schedule(x - 1)))
+        with self._writers["train"].as_default(step=step):
             tf.summary.scalar("learning_rate", row["learning_rate"])
             tf.summary.scalar("base_lr", row["base_lr"])
             for name, value in (extra or {}).items():
@@ -274,6 +282,16 @@ class RestoreMetrics(keras.callbacks.Callback):
             for variable, value in zip(self.variables, self.values):
                 variable.assign(value)
             self.values = None
+
+
+def _rate_change_points(schedule, first, last):
+    """The x values (updates done) in (first, last) around each decay boundary b of the
+    epoch: x = b, the last update at the old rate, and x = b + 1, the first at the new one
+    (the epoch's end, x = last, is written with its row)."""
+    points = set()
+    for b in getattr(schedule, "boundaries", ()):
+        points |= {x for x in (b, b + 1) if first < x < last}
+    return sorted(points)
 
 
 def _float(x):

@@ -266,6 +266,13 @@ def check_output_dir(cfg, info, stored):
     for key, now in (("num_train", info.num_train), ("num_test", info.num_test)):
         if key in sizes and sizes[key] != now:
             shown.append(f"{key}: {sizes[key]!r} -> {now!r}")
+    if shown and not trained(cfg.output_dir):
+        # Nothing was trained there (it stopped before its first checkpoint, e.g. failing to
+        # download the data): its records protect nothing, and the corrected command
+        # replaces them.
+        logging.info("%s holds the records of a run that never trained (%s); replacing them.",
+                     cfg.output_dir, ", ".join(shown[:3]))
+        return None
     if shown:
         raise ConfigError(f"--output_dir={cfg.output_dir} holds a different run "
                           f"({', '.join(shown[:3])}); choose a new --output_dir or delete "
@@ -276,6 +283,14 @@ def check_output_dir(cfg, info, stored):
         if result.get("status") in ("completed", "diverged"):
             return result
     return None
+
+
+def trained(output_dir):
+    """Whether a run directory holds any training: a history row or a checkpoint."""
+    history = os.path.join(output_dir, results.HISTORY_FILE)
+    if results.exists(history) and results.read_csv(history):
+        return True
+    return results.exists(os.path.join(output_dir, CHECKPOINT_DIR, "checkpoint"))
 
 
 def check_bn_batch(stored, bn_batch_size, replicas, output_dir):
