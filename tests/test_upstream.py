@@ -67,3 +67,18 @@ def test_oracle_has_the_retry_state_requeue_failed_uses():
     assert oracle._run_times["never seen"] == 0  # a defaultdict(int)-like counter
     state = oracle.get_state()  # saved and reloaded with the oracle
     assert "retry_queue" in state and "run_times" in state
+
+
+def test_points_started_are_saved_with_the_oracle():
+    # parallel_grid.py hands out the points not in _tried_so_far; a resumed sweep relies
+    # on keras-tuner saving and restoring that set.
+    hp = keras_tuner.HyperParameters()
+    hp.Choice("batch_size", [2, 4])
+    oracle = keras_tuner.oracles.GridSearchOracle(
+        objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
+    oracle._tried_so_far.add(oracle._compute_values_hash({"batch_size": 2}))
+    state = oracle.get_state()
+    other = keras_tuner.oracles.GridSearchOracle(
+        objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
+    other.set_state(state)
+    assert other._tried_so_far == oracle._tried_so_far, WHY
