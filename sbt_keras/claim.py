@@ -41,6 +41,7 @@ class _Claim:
     def __init__(self, directory, path, fd, info):
         self.directory, self.path, self.fd, self.info = directory, path, fd, info
         self.depth = 1
+        self.created = False  # the claim made the directory: removed again if left empty
 
 
 def _info(what):
@@ -89,6 +90,9 @@ def release(directory):
                         os.fstat(held.fd).st_ino:
                     os.remove(held.path)
             os.close(held.fd)  # drops the flock
+            if held.created:  # a run refused before writing anything leaves no directory
+                with contextlib.suppress(OSError):
+                    os.rmdir(held.directory)
     except Exception as error:  # noqa: BLE001 - releasing must never mask the real outcome
         logging.warning("Could not remove the claim %s (%s)", held.path, first_line(error))
 
@@ -152,6 +156,7 @@ def _acquire_local(directory, what):
 
     check_location(directory)
     path = os.path.join(directory, CLAIM_FILE)
+    created = not os.path.exists(directory)
     for _ in range(10):  # retried only if the file was replaced while we locked it
         try:
             os.makedirs(directory, exist_ok=True)
@@ -182,7 +187,9 @@ def _acquire_local(directory, what):
         info = _info(what)
         os.ftruncate(fd, 0)
         os.pwrite(fd, yaml.safe_dump(info, sort_keys=False).encode(), 0)
-        return _Claim(directory, path, fd, info)
+        claimed = _Claim(directory, path, fd, info)
+        claimed.created = created
+        return claimed
     raise DirectoryInUse(f"--output_dir={directory}: its claim file {path} keeps changing; "
                          f"another process is starting there")
 

@@ -39,13 +39,25 @@ def commands():
     return found
 
 
+# Modules the README runs that are not absl programs: pytest itself, and the fault-table
+# tool (argparse: its flags are read from --help instead).
+EXTERNAL = {"pytest"}
+ARGPARSE = {"tools.fault_table"}
+
+
 def modules():
-    return sorted({words[words.index("-m") + 1] for words in commands() if "-m" in words})
+    return sorted({words[words.index("-m") + 1] for words in commands() if "-m" in words}
+                  - EXTERNAL)
 
 
 @functools.lru_cache(maxsize=None)
 def flags_of(module):
     """The flag names `python -m module --helpfull` lists (booleans also as noNAME)."""
+    if module in ARGPARSE:
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return set(re.findall(r"--(\w+)", proc.stdout))
     proc = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert "flags:" in proc.stdout, proc.stderr  # absl's help exits with status 1
@@ -144,6 +156,10 @@ def test_every_run_command_in_the_readme_passes_its_dry_run(words, tmp_path):
                           capture_output=True, text=True, timeout=120)
     if helping:  # absl's help exits with status 1
         assert "--output_dir" in proc.stdout and "--dry_run" in proc.stdout, proc.stderr
+    elif "has no results.csv" in proc.stderr and "--grid_best_lr_from=" in proc.stderr:
+        # Right as written; it reads an earlier sweep's results (Fig. 13-14, sharpness vs m),
+        # which a fresh clone does not have yet: refused with the one line that says so.
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith("dry run: ")

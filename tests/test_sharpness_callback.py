@@ -71,8 +71,9 @@ def test_values_go_to_history_tensorboard_and_result(runs):
             for value in event.summary.value:
                 if value.tag == "sharpness":
                     scalars[event.step] = float(tf.make_ndarray(value.tensor))
-    assert scalars == {1: pytest.approx(rows[0]["sharpness"], rel=1e-6),
-                       2: pytest.approx(rows[1]["sharpness"], rel=1e-6)}
+    # TensorBoard logs each epoch's scalars at its global step (the history's `step`).
+    assert scalars == {rows[0]["step"]: pytest.approx(rows[0]["sharpness"], rel=1e-6),
+                       rows[1]["step"]: pytest.approx(rows[1]["sharpness"], rel=1e-6)}
     # The tool, with the same settings, measures the same number from the kept checkpoint.
     _, entry = tool.measure(cfg.output_dir, epoch=1, sample=12, epsilons=(1e-3,), p=4,
                             maxiter=2, seed=0, log=lambda *a: None)

@@ -314,7 +314,7 @@ def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3
                 blocks, extra = {}, ({} if progress else None)
                 blocks["sbt"], fed, net = sbt_block(name, norm, m, shape, bn_batch_size,
                                                     steps, spe, jit, unrolled, input_pipeline,
-                                                    extra)
+                                                    progress=extra)
                 blocks.update(extra or {})
                 if fed is not None:  # the same step, fed by the real input pipeline
                     blocks["sbt_fed"] = fed
