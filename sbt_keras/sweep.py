@@ -29,6 +29,7 @@ from absl import logging
 from sbt_keras import distribute
 from sbt_keras import grid as grid_lib
 from sbt_keras import results
+from sbt_keras.parallel_grid import HandOutEveryPointAtOnce
 from sbt_keras.config import Config
 from sbt_keras.errors import ConfigError
 from sbt_keras.config import EXECUTION_FIELDS
@@ -310,10 +311,11 @@ def _hparam_domains(union_grid):
 
 
 # ---------------------------------------------------------------------- keras-tuner fix
-class ResumableGridOracle(keras_tuner.oracles.GridSearchOracle):
-    """A GridSearchOracle that saves and restores its grid cursor (see module docstring),
-    and writes its state files atomically: keras-tuner writes them in place, so a kill
-    during a save would leave truncated JSON that stops the sweep's resume."""
+class ResumableGridOracle(HandOutEveryPointAtOnce, keras_tuner.oracles.GridSearchOracle):
+    """A GridSearchOracle that hands every worker a different point at once
+    (parallel_grid.py), saves and restores its grid cursor (see module docstring), and
+    writes its state files atomically: keras-tuner writes them in place, so a kill during
+    a save would leave truncated JSON that stops the sweep's resume."""
 
     def save(self):
         _save_json_atomic(self._get_oracle_fname(), self.get_state())

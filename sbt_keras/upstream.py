@@ -24,6 +24,11 @@ keras-tuner 1.4 (`sbt_keras/sweep.py`):
   `_next_index`) and `GridSearchOracle._populate_next`: the grid cursor, which keras-tuner
   does not save, so a reloaded sweep stops early or raises KeyError (keras-tuner#1055).
   `ResumableGridOracle` saves and restores them.
+- `Oracle._compute_values_hash(values)` and `Oracle._tried_so_far` (the hashes of every
+  point a trial was created for, saved in oracle.json): `parallel_grid.py` hands each
+  worker the first point not in it, instead of GridSearchOracle's wait for a finished trial
+  (which let `--sweep_workers=N` run at most two trials at a time). Overriding
+  `populate_space` itself is keras-tuner's documented extension point.
 - `Oracle._get_oracle_fname()`, `Oracle._get_trial_dir(trial_id)`,
   `Oracle._save_trial(trial)` and `Tuner._get_tuner_fname()`, `Tuner._is_worker()`:
   keras-tuner writes its oracle, trial and tuner JSON in place, so a kill during a save
@@ -42,13 +47,15 @@ KERAS_METHODS = (
 KERAS_MODEL_ATTRIBUTES = ("steps_per_execution", "jit_compile", "distribute_strategy",
                           "train_function", "test_function")
 TUNER_METHODS = (
+    ("keras_tuner.Oracle", "_compute_values_hash", ("values",)),
+    ("keras_tuner.Oracle", "populate_space", ("trial_id",)),
     ("keras_tuner.Oracle", "_get_oracle_fname", ()),
     ("keras_tuner.Oracle", "_get_trial_dir", ("trial_id",)),
     ("keras_tuner.Oracle", "_save_trial", ("trial",)),
     ("keras_tuner.Tuner", "_get_tuner_fname", ()),
     ("keras_tuner.Tuner", "_is_worker", ()),
 )
-GRID_ORACLE_ATTRIBUTES = ("_ordered_ids", "_populate_next")
+GRID_ORACLE_ATTRIBUTES = ("_ordered_ids", "_populate_next", "_tried_so_far")
 LINKED_LIST_ATTRIBUTES = ("_memory", "_next_index")
 
 

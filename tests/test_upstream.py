@@ -48,3 +48,18 @@ def test_grid_oracle_has_the_cursor_attributes():
     from sbt_keras.sweep import _linked_list_items
     assert _linked_list_items(linked) == ["a", "b"]
 
+
+
+def test_points_started_are_saved_with_the_oracle():
+    # parallel_grid.py hands out the points not in _tried_so_far; a resumed sweep relies
+    # on keras-tuner saving and restoring that set.
+    hp = keras_tuner.HyperParameters()
+    hp.Choice("batch_size", [2, 4])
+    oracle = keras_tuner.oracles.GridSearchOracle(
+        objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
+    oracle._tried_so_far.add(oracle._compute_values_hash({"batch_size": 2}))
+    state = oracle.get_state()
+    other = keras_tuner.oracles.GridSearchOracle(
+        objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
+    other.set_state(state)
+    assert other._tried_so_far == oracle._tried_so_far, WHY
