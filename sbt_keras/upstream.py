@@ -18,6 +18,12 @@ Keras 3 (`sbt_keras/training/summed_sgd.py`, `SummedGradientModel`):
   strategies (keras-team/keras#19246).
 - Attributes read: `steps_per_execution`, `jit_compile`, `distribute_strategy`,
   `train_function`, `test_function` (set by `compile` / `make_*_function`).
+- `PackedModel` (`sbt_keras/training/packed_model.py`) overrides the same
+  `_maybe_symbolic_build`, and replaces `train_function` from a callback in the middle of
+  `fit` when a packed trial diverges: Keras's `fit` reads `self.train_function` anew for
+  every block of steps (and `evaluate` rebuilds a `test_function` set to None), so the
+  retraced step, without the diverged trial, runs from the next block. Checked in
+  `tests/test_upstream.py`.
 
 keras-tuner 1.4 (`sbt_keras/sweep.py`):
 - `GridSearchOracle._ordered_ids` (a `LinkedList`, read through `_memory` and
