@@ -290,3 +290,53 @@ def test_bad_pack_flags_are_one_line_before_anything_runs(tmp_path, flags, messa
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {message}"]
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------- real kills
+PACK_FLAGS = ["--dataset=synthetic", "--model=resnet8", "--norm=batch", "--image_size=8",
+              "--synthetic_train=128", "--synthetic_test=16", "--batch_size=8",
+              "--epochs=3", "--median_of=1", "--deterministic", "--warmup",
+              "--checkpoint_every_steps=4", "--grid_log2_base_lr=-8,-6,-4", "--pack=3"]
+
+
+def _sweep_table(out):
+    return [{k: v for k, v in r.items() if k != "wall_seconds"}
+            for r in results.read_csv(pathlib.Path(out) / "results.csv")]
+
+
+def _steps(out):
+    return sorted(int(p.name.split("-")[1].split(".")[0])
+                  for p in (pathlib.Path(out) / "checkpoints").glob("ckpt-*.index"))
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_killed_with_9_or_preempted_resumes_to_the_same_table(tmp_path):
+    import signal
+    import time
+
+    from processes import finish, start
+
+    def run(out):
+        return start(["-m", "sbt_keras.run", *PACK_FLAGS, f"--output_dir={out}"])
+
+    reference = tmp_path / "reference"
+    finish(run(reference))
+    trials = [f"lr{r}" for r in (-8, -6, -4)]
+    for how in (signal.SIGKILL, signal.SIGTERM):
+        out = tmp_path / how.name
+        proc = run(out)
+        deadline = time.monotonic() + 300  # 16 steps an epoch: kill in the middle of one
+        while not any(s % 16 for t in trials for s in _steps(out / "trials" / t)
+                      if s > 16):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.02)
+        proc.send_signal(how)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == (143 if how == signal.SIGTERM else -9), err[-2000:]
+        status = {yaml.safe_load((out / "trials" / t / "result.yaml").read_text())["status"]
+                  for t in trials}
+        assert status == ({"preempted"} if how == signal.SIGTERM else {"running"})
+        finish(run(out))
+        assert _sweep_table(out) == _sweep_table(reference), how.name
+        for t in trials:
+            assert _history(out / "trials" / t) == _history(reference / "trials" / t)
