@@ -65,6 +65,11 @@ def define_sweep_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("sweep_workers", 1,
                          "Run this many trials at once on this machine (keras-tuner chief + N "
                          "worker processes; GPU memory grows as needed).", **where)
+    flags.DEFINE_string("pack", "1",
+                        "Train up to K grid points that differ only in the base learning rate "
+                        "as one program (packed trials, each still its own run directory and "
+                        "results row); 'auto' packs each eta_tilde column whole; 1 = no "
+                        "packing.", **where)
     flags.DEFINE_integer("seeds", 1, "Repeat every grid point with seeds --seed, --seed+1, "
                          "...; more than 1 makes the seed a grid axis.", **where)
 

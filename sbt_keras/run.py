@@ -26,6 +26,7 @@ from absl import app, flags, logging  # noqa: E402
 from sbt_keras import console  # noqa: E402
 from sbt_keras import flags as run_flags  # noqa: E402
 from sbt_keras import grid as grid_lib  # noqa: E402
+from sbt_keras import packing  # noqa: E402
 from sbt_keras import preflight  # noqa: E402
 from sbt_keras.errors import ConfigError, Preempted, RunFailed  # noqa: E402
 
@@ -64,9 +65,12 @@ def main(argv):
         base = run_flags.config_from_flags(FLAGS, sys.argv)
         grid = grid_lib.Grid.from_flags(base, run_flags.grid_texts_from_flags(FLAGS),
                                         FLAGS.seeds, FLAGS.grid_best_lr_from)
+        pack = packing.parse(FLAGS.pack)
         if grid:  # validate every point before anything heavy is imported
-            grid_lib.split_points(base, grid, lambda point: base.output_dir)
+            valid, _ = grid_lib.split_points(base, grid, lambda point: base.output_dir)
+            packing.check_grid(base, valid, pack)
         else:
+            packing.single_run_refused(pack)
             base = base.resolve()
         if FLAGS.dry_run:
             from sbt_keras import dry_run
@@ -83,7 +87,7 @@ def main(argv):
             sys.exit(run_local_workers(sys.argv, FLAGS.sweep_workers))
         if grid:
             from sbt_keras.sweep import run_sweep
-            run_sweep(base, grid)
+            run_sweep(base, grid, pack=pack)
         else:
             from sbt_keras.train import train
             train(base)

@@ -28,7 +28,7 @@ from absl import logging
 
 from sbt_keras import distribute
 from sbt_keras import grid as grid_lib
-from sbt_keras import results
+from sbt_keras import packing, results
 from sbt_keras import children, sweep_faults
 from sbt_keras.parallel_grid import HandOutEveryPointAtOnce
 from sbt_keras.config import Config
@@ -50,8 +50,10 @@ RESULT_COLUMNS = ("trial", "norm", "batch_size", "log2_base_lr", "base_lr", "bn_
                   "generalization_gap", "sharpness", "trial_dir", "reason")
 
 
-def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
-    """Runs every valid point of `grid` (skipping finished ones); returns the result rows."""
+def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=(), pack=1):
+    """Runs every valid point of `grid` (skipping finished ones); returns the result rows.
+    `pack` > 1 or "auto" trains points that differ only in eta_tilde as packs
+    (packed_sweep.py)."""
     out = base.output_dir
     distributed = distribute.has_tuner_chief()
     if distributed:
@@ -62,6 +64,7 @@ def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
     replicas = (distribute.make_strategy(base.strategy, base.tpu, base.tpu_timeout)
                 .num_replicas_in_sync if trains else 1)
     valid, skipped = grid_lib.split_points(base, grid, lambda p: trial_dir(out, p), replicas)
+    packing.check_grid(base, valid, pack)
     sweep_grid = _check_sweep_dir(base, grid, skipped)
     configs = {p.name: cfg for p, cfg in valid}
     skipped_names = {p.name: reason for p, reason in skipped}
@@ -69,6 +72,10 @@ def run_sweep(base: Config, grid: grid_lib.Grid, extra_callbacks=()):
         logging.warning("Skipping %s: %s", name, reason)
     if not distributed or distribute.is_tuner_chief():
         _write_hparams_config(out, sweep_grid)
+    if packing.enabled(pack):  # keras-tuner hands out packs of points instead
+        from sbt_keras import packed_sweep
+        packed_sweep.search(out, grid, valid, skipped, pack, extra_callbacks)
+        return write_results(out)
 
     hp = keras_tuner.HyperParameters()
     for field, values in grid.axes:  # best_lr is a function of batch_size, not an axis

@@ -23,6 +23,12 @@ Keras 3 (`sbt_keras/training/summed_sgd.py`, `SummedGradientModel`):
   (`keras.src.trainers.epoch_iterator.EpochIterator`) there to refuse an epoch that is not
   whole blocks of `steps_per_execution` (the train function always runs a whole block). No
   public hook sees the epoch's step count before training starts.
+- `PackedModel` (`sbt_keras/training/packed_model.py`) overrides the same
+  `_maybe_symbolic_build`, and replaces `train_function` from a callback in the middle of
+  `fit` when a packed trial diverges: Keras's `fit` reads `self.train_function` anew for
+  every block of steps (and `evaluate` rebuilds a `test_function` set to None), so the
+  retraced step, without the diverged trial, runs from the next block. Checked in
+  `tests/test_upstream.py`.
 
 keras-tuner 1.4 (`sbt_keras/sweep.py`):
 - `GridSearchOracle._ordered_ids` (a `LinkedList`, read through `_memory` and

@@ -82,3 +82,28 @@ def test_points_started_are_saved_with_the_oracle():
         objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
     other.set_state(state)
     assert other._tried_so_far == oracle._tried_so_far, WHY
+
+
+def test_fit_reads_the_train_function_anew_for_every_block():
+    # PackedModel.freeze swaps train_function from a callback in the middle of fit.
+    import numpy as np
+
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer="sgd", loss="mse")
+    calls = []
+
+    class Swap(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                original = self.model.train_function
+
+                def replaced(iterator):
+                    calls.append(1)
+                    return original(iterator)
+
+                self.model.train_function = replaced
+
+    x, y = np.zeros((8, 2), np.float32), np.zeros((8, 1), np.float32)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[Swap()])
+    assert len(calls) == 2, f"fit kept its own train function: {WHY}"

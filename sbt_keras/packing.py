@@ -1,0 +1,116 @@
+"""Packed trials (`--pack=K|auto`): grid points that differ only in eta_tilde trained as one
+program. TensorFlow-free: the flag, the grouping and its checks run before anything heavy
+is imported; the packed model is `training/packed_model.py`, a pack's run
+`training/packed.py`.
+
+Which points pack together: every setting but the base learning rate (and the weight decay,
+which a packed model also keeps per trial) must be equal -- model, data, m, BN batch,
+epochs, schedule shape, and the seed. Trials that share m and the seed see the same batches
+in the same order (common random numbers), so K of them can consume one input stream.
+The seed fixes both the initial weights and the data order (`--seed`), so trials of
+different seeds are never packed: that would need a separate data seed, which this code
+does not have (a deliberate choice: a pack is then exactly K unpacked trials).
+
+The grid is cut into packs of up to K such points, in grid order; `auto` packs every
+column of eta_tilde whole. `--pack=1` is no packing at all: the ordinary sweep.
+"""
+from sbt_keras.config import EXECUTION_FIELDS, Config
+from sbt_keras.errors import ConfigError
+
+AUTO = "auto"
+# Settings that may differ between the trials of one pack (output_dir is per trial).
+PER_TRIAL = ("base_lr", "log2_base_lr", "weight_decay", "output_dir")
+# Strategies a pack has been tested under; the others are refused (see check_pack).
+STRATEGIES = ("default", "mirrored")
+
+
+def parse(text):
+    """`--pack` as K (an int >= 1) or AUTO; ConfigError otherwise."""
+    text = str(text).strip()
+    if text == AUTO:
+        return AUTO
+    try:
+        k = int(text)
+    except ValueError:
+        raise ConfigError(f"--pack={text} is not a number of trials; give K >= 1 (1: no "
+                          f"packing) or auto") from None
+    if k < 1:
+        raise ConfigError(f"--pack={text} must be >= 1 (1: no packing) or auto")
+    return k
+
+
+def enabled(pack):
+    return pack == AUTO or pack > 1
+
+
+def key(cfg: Config):
+    """What the trials of one pack must share: every setting but the per-trial ones."""
+    return tuple(sorted((k, repr(v)) for k, v in cfg.to_dict().items()
+                        if k not in PER_TRIAL and k not in EXECUTION_FIELDS))
+
+
+def group(valid, pack):
+    """Packs of the valid points [(point, config)]: lists of up to K (all, for AUTO) points
+    with equal `key`, in grid order (a pack starts at its first point's place)."""
+    columns = {}
+    for point, cfg in valid:
+        columns.setdefault(key(cfg), []).append((point, cfg))
+    packs = []
+    for column in columns.values():
+        size = len(column) if pack == AUTO else pack
+        packs.extend(column[i:i + size] for i in range(0, len(column), size))
+    order = {point.name: i for i, (point, _) in enumerate(valid)}
+    return sorted(packs, key=lambda p: order[p[0][0].name])
+
+
+def name(members):
+    """A pack's name: its points' names joined by '+' (a keras-tuner Choice value)."""
+    return "+".join(point.name for point, _ in members)
+
+
+def check_grid(base: Config, valid, pack):
+    """Refuses a --pack that cannot pack anything or runs where packing is untested."""
+    if not enabled(pack):
+        return
+    check_strategy(base)
+    if all(len(p) == 1 for p in group(valid, pack)):
+        raise ConfigError(
+            f"--pack={pack}: no two points of this grid differ only in the base learning "
+            f"rate, so nothing can share a program (points differing in m, BN batch, "
+            f"epochs, norm or seed never do); sweep --grid_log2_base_lr, or drop --pack")
+
+
+def check_strategy(cfg: Config):
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"--pack is not supported with --strategy={cfg.strategy} (tested: "
+                          f"{', '.join(STRATEGIES)}); drop --pack or use one of those")
+
+
+def check_pack(cfgs):
+    """ConfigError unless the resolved configs `cfgs` can train as one program."""
+    if not cfgs:
+        raise ConfigError("a pack needs at least one trial")
+    check_strategy(cfgs[0])
+    first = cfgs[0].to_dict()
+    for cfg in cfgs[1:]:
+        other = cfg.to_dict()
+        # Execution settings (steps per execution, XLA, strategy, ...) shape the compiled
+        # program, so they must agree too.
+        differ = [k for k in first if k not in PER_TRIAL and first[k] != other[k]]
+        if differ:
+            shown = ", ".join(f"{k} {first[k]!r} vs {other[k]!r}" for k in differ[:3])
+            raise ConfigError(
+                f"trials {cfgs[0].output_dir} and {cfg.output_dir} cannot share a program "
+                f"({shown}); only {', '.join(PER_TRIAL[:3])} may differ within a pack")
+    outs = [c.output_dir for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise ConfigError(f"two trials of a pack write to the same --output_dir "
+                          f"({sorted(o for o in outs if outs.count(o) > 1)[0]})")
+
+
+def single_run_refused(pack):
+    """--pack given to a single run (no grid)."""
+    if enabled(pack):
+        raise ConfigError(f"--pack={pack} packs the points of a sweep; give --grid_* flags "
+                          f"(e.g. --grid_log2_base_lr) or drop --pack")
+

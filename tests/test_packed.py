@@ -1,0 +1,342 @@
+"""Packed trials: K trials as one program give each trial exactly its unpacked run.
+
+Each pack below is compared with the same trials run alone by `train`: histories (every
+column but wall time) and the final weights, loaded back through training/snapshot.py as
+the instruments load them. With --deterministic they agree to the bit; the assertions
+allow float tolerance. K = 3 with warm-up and both decay steps inside the run. The AlexNet
+and MirroredStrategy packs are marked slow (`make test-all`).
+"""
+import dataclasses
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+import yaml
+
+from sbt_keras import grid as grid_lib
+from sbt_keras import packing, results
+from sbt_keras.config import Config
+from sbt_keras.errors import ConfigError
+from sbt_keras.train import train
+from sbt_keras.training import snapshot
+from sbt_keras.training.packed import train_pack
+
+# 16 examples / m = 4: 4 steps per epoch, 2 epochs: warm-up over step 0-1, decay at 4 and 6.
+BASE = dict(dataset="synthetic", image_size=8, synthetic_train=16, synthetic_test=8,
+            batch_size=4, epochs=2, median_of=1, eval_batch_size=8, deterministic=True,
+            warmup=True, warmup_fraction=0.25, log2_base_lr=-6)
+
+
+def _configs(root, rates, **settings):
+    base = Config(**{**BASE, **settings})
+    return [dataclasses.replace(base, log2_base_lr=r,
+                                output_dir=str(root / f"lr{r:g}")).resolve() for r in rates]
+
+
+def _alone(cfg, root):
+    """The same trial run by itself, in its own directory under `root`."""
+    solo = dataclasses.replace(cfg, output_dir=str(root / pathlib.Path(cfg.output_dir).name))
+    train(solo)
+    return solo.output_dir
+
+
+def _history(run_dir):
+    return [{k: v for k, v in row.items() if k != "wall_seconds"}
+            for row in results.read_csv(pathlib.Path(run_dir) / "history.csv")]
+
+
+def _result(run_dir):
+    return yaml.safe_load((pathlib.Path(run_dir) / "result.yaml").read_text())
+
+
+def assert_same_run(packed_dir, alone_dir):
+    packed, alone = _history(packed_dir), _history(alone_dir)
+    assert [r["epoch"] for r in packed] == [r["epoch"] for r in alone]
+    for p, a in zip(packed, alone):
+        assert p.keys() == a.keys()
+        for key in p:
+            assert p[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6, nan_ok=True), (key, p, a)
+    ours, theirs = _result(packed_dir), _result(alone_dir)
+    for key in ("status", "steps", "epochs_completed", "diverged_at_step"):
+        assert ours.get(key) == theirs.get(key), key
+    if ours["status"] == "completed":  # a diverged run's weights hold NaN either way
+        a, b = snapshot.load(packed_dir), snapshot.load(alone_dir)
+        assert a.step == b.step
+        for x, y in zip(a.model.variables, b.model.variables):
+            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-5, atol=1e-6,
+                                       err_msg=x.path)
+
+
+RATES = [-8, -6, -4]
+# Sub-batch BN (2 groups of 2 per batch); checkpoints every 2 steps for the resume test.
+SUBBATCH = dict(model="resnet8", norm="batch", bn_batch_size=2, checkpoint_every_steps=2)
+
+
+@pytest.fixture(scope="module")
+def subbatch_alone(tmp_path_factory):
+    """The three ResNet-8 sub-batch BN trials, each run alone: {name: run directory}."""
+    root = tmp_path_factory.mktemp("alone")
+    return {pathlib.Path(c.output_dir).name: _alone(c, root)
+            for c in _configs(root / "configs", RATES, **SUBBATCH)}
+
+
+def _check_pack(cfgs, out, alone):
+    assert [r["status"] for r in out] == ["completed"] * 3
+    for cfg in cfgs:
+        assert_same_run(cfg.output_dir, alone[pathlib.Path(cfg.output_dir).name])
+    rates = [row["base_lr"] for row in _history(cfgs[2].output_dir)]
+    assert rates[0] != rates[1]  # the decay happened inside the run
+    assert _result(cfgs[0].output_dir)["pack"] == ["lr-8", "lr-6", "lr-4"]
+
+
+def test_packed_resnet8_subbatch_bn_trials_equal_their_runs_alone(tmp_path, subbatch_alone):
+    cfgs = _configs(tmp_path / "pack", RATES, **SUBBATCH)
+    _check_pack(cfgs, train_pack(cfgs), subbatch_alone)
+
+
+@pytest.mark.slow
+def test_packed_alexnet_norm_dense_trials_equal_their_runs_alone(tmp_path):
+    settings = dict(model="alexnet_reduced", norm="batch", norm_dense=True)
+    cfgs = _configs(tmp_path / "pack", RATES, **settings)
+    out = train_pack(cfgs)
+    _check_pack(cfgs, out, {pathlib.Path(c.output_dir).name: _alone(c, tmp_path / "alone")
+                            for c in cfgs})
+
+
+def test_a_diverging_trial_is_frozen_and_recorded_the_others_go_on(tmp_path):
+    # ResNet-8 without BN; eta_tilde = 2^4 diverges in its first block.
+    cfgs = _configs(tmp_path / "pack", [-6, 4, -5], model="resnet8", norm="none",
+                    steps_per_execution=2)
+    out = train_pack(cfgs)
+    assert [r["status"] for r in out] == ["completed", "diverged", "completed"]
+    assert out[1]["test_accuracy"] == pytest.approx(0.1)  # at chance, as unpacked
+    for cfg in cfgs:  # the NaN reached neither neighbour: both equal their runs alone
+        assert_same_run(cfg.output_dir, _alone(cfg, tmp_path / "alone"))
+    assert out[1]["diverged_at_step"] < out[0]["steps"] == 8
+
+
+@pytest.mark.slow
+def test_a_pack_under_mirrored_strategy_equals_its_trials_alone_there(tmp_path, mirrored):
+    # 2 replicas split the shared batch of 4; BN over each replica's 2 examples.
+    cfgs = _configs(tmp_path / "pack", [-7, -5], model="resnet8", norm="batch")
+    train_pack(cfgs, strategy=mirrored)
+    solo = dataclasses.replace(cfgs[1], output_dir=str(tmp_path / "alone" / "lr-5"))
+    train(solo, strategy=mirrored)
+    assert_same_run(cfgs[1].output_dir, solo.output_dir)
+    assert yaml.safe_load((pathlib.Path(solo.output_dir) / "config.yaml").read_text())[
+        "derived"]["replicas"] == 2
+
+
+def _stop_after_epoch(epoch):
+    """Ctrl-C at the end of `epoch` (1-based), after every trial's checkpoint."""
+    import keras
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, index, logs=None):
+            if index + 1 == epoch:
+                raise KeyboardInterrupt()
+
+    return Stop()
+
+
+def test_an_interrupted_pack_resumes_from_the_step_every_trial_saved(tmp_path, caplog,
+                                                                      subbatch_alone):
+    cfgs = _configs(tmp_path / "pack", RATES, **SUBBATCH)
+    with pytest.raises(KeyboardInterrupt):
+        train_pack(cfgs, extra_callbacks=[_stop_after_epoch(1)])
+    assert {_result(c.output_dir)["status"] for c in cfgs} == {"interrupted"}
+    # A kill between two trials' saves: the second trial's newest checkpoint (step 4) is
+    # gone, so the pack must resume everyone from step 2, mid-epoch, and forget the
+    # others' step 4.
+    torn = pathlib.Path(cfgs[1].output_dir) / "checkpoints"
+    for path in torn.glob("ckpt-4.*"):
+        path.unlink()
+    (torn / "checkpoint").write_text((torn / "checkpoint").read_text().replace(
+        "ckpt-4", "ckpt-2"))
+    caplog.set_level(logging.INFO)
+    out = train_pack(cfgs)
+    assert "Resuming the pack lr-8+lr-6+lr-4 at epoch 0, step 2." in caplog.text
+    _check_pack(cfgs, out, subbatch_alone)
+    assert train_pack(cfgs) == out  # finished: nothing trains again
+
+
+# ---------------------------------------------------------------------- sweeps
+def _sweep_base(tmp_path, **overrides):
+    values = dict(model="resnet8", norm="batch", dataset="synthetic", image_size=8,
+                  synthetic_train=16, synthetic_test=8, epochs=2, median_of=1,
+                  eval_batch_size=8, deterministic=True, output_dir=str(tmp_path / "sweep"))
+    values.update(overrides)
+    return Config(**values)
+
+
+def test_a_packed_sweep_keeps_a_directory_and_a_row_per_trial(tmp_path):
+    from sbt_keras.sweep import run_sweep
+
+    base = _sweep_base(tmp_path)
+    grid = grid_lib.Grid.from_flags(base, {"batch_size": "2,4", "bn_batch_size": "4",
+                                           "log2_base_lr": "-7,-6,-5"}, 1)
+    rows = run_sweep(base, grid, pack=2)
+    assert {r["trial"]: r["status"] for r in rows} == {
+        "m4_lr-7_bn4": "completed", "m4_lr-6_bn4": "completed",
+        "m4_lr-5_bn4": "completed", "m2_lr-7_bn4": "skipped",
+        "m2_lr-6_bn4": "skipped", "m2_lr-5_bn4": "skipped"}
+    trials = pathlib.Path(base.output_dir) / "trials"
+    packs = {name: _result(trials / name)["pack"] for name in
+             ("m4_lr-7_bn4", "m4_lr-6_bn4", "m4_lr-5_bn4")}
+    assert packs == {"m4_lr-7_bn4": ["m4_lr-7_bn4", "m4_lr-6_bn4"],
+                     "m4_lr-6_bn4": ["m4_lr-7_bn4", "m4_lr-6_bn4"],
+                     "m4_lr-5_bn4": ["m4_lr-5_bn4"]}
+    for name in packs:
+        assert (trials / name / "history.csv").exists()
+        assert any((trials / name / "checkpoints").glob("ckpt-*.index"))
+    # Re-running (also unpacked) trains nothing again.
+    assert run_sweep(base, grid) == rows
+
+
+# ---------------------------------------------------------------------- grouping, bad input
+def _valid(base, **texts):
+    grid = grid_lib.Grid.from_flags(base, texts, texts.pop("seeds", 1))
+    return grid_lib.split_points(base, grid, lambda p: f"/tmp/x/{p.name}")[0]
+
+
+def test_points_differing_only_in_eta_tilde_are_cut_into_packs_of_k(tmp_path):
+    base = _sweep_base(tmp_path, seed=3)
+    valid = _valid(base, batch_size="4,8", log2_base_lr="-8,-7,-6,-5,-4")
+    names = [[p.name for p, _ in pack] for pack in packing.group(valid, 2)]
+    assert names == [["m4_lr-8", "m4_lr-7"], ["m4_lr-6", "m4_lr-5"], ["m4_lr-4"],
+                     ["m8_lr-8", "m8_lr-7"], ["m8_lr-6", "m8_lr-5"], ["m8_lr-4"]]
+    columns = [[p.name for p, _ in pack] for pack in packing.group(valid, packing.AUTO)]
+    assert [len(c) for c in columns] == [5, 5]
+    seeds = _valid(base, batch_size="4", log2_base_lr="-8,-7", seeds=2)  # data differs
+    assert [[p.name for p, _ in pack] for pack in packing.group(seeds, 4)] == [
+        ["m4_lr-8_s3", "m4_lr-7_s3"], ["m4_lr-8_s4", "m4_lr-7_s4"]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0", "--pack=0 must be >= 1 (1: no packing) or auto"),
+    ("-2", "--pack=-2 must be >= 1 (1: no packing) or auto"),
+    ("x", "--pack=x is not a number of trials; give K >= 1 (1: no packing) or auto"),
+])
+def test_a_pack_size_below_one_is_refused(text, message):
+    with pytest.raises(ConfigError) as error:
+        packing.parse(text)
+    assert str(error.value) == message
+
+
+def test_a_grid_with_nothing_to_pack_is_refused(tmp_path):
+    base = _sweep_base(tmp_path, log2_base_lr=-6)
+    valid = _valid(base, batch_size="2,4,8")  # every point a different m
+    with pytest.raises(ConfigError, match=r"^--pack=4: no two points of this grid differ "
+                                          r"only in the base learning rate"):
+        packing.check_grid(base, valid, 4)
+    packing.check_grid(base, valid, 1)  # no packing asked: fine
+
+
+@pytest.mark.parametrize("strategy", ["multi_worker", "tpu"])
+def test_packing_under_an_untested_strategy_is_refused(tmp_path, strategy):
+    base = dataclasses.replace(_sweep_base(tmp_path), strategy=strategy)
+    with pytest.raises(ConfigError, match=f"--pack is not supported with "
+                                          f"--strategy={strategy}"):
+        packing.check_strategy(base)
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(batch_size=8), "batch_size 4 vs 8"),
+    (dict(model="resnet20"), "model 'resnet8' vs 'resnet20'"),
+    (dict(train_examples=8), "train_examples 0 vs 8"),
+    (dict(seed=1), "seed 0 vs 1"),
+])
+def test_trials_that_cannot_share_a_program_are_refused(tmp_path, change, named):
+    a, b = _configs(tmp_path, [-6, -5], model="resnet8", norm="none")
+    b = dataclasses.replace(b, **change)
+    with pytest.raises(ConfigError, match=f"cannot share a program \\({named}"):
+        packing.check_pack([a, b])
+    with pytest.raises(ConfigError, match="cannot share a program"):
+        train_pack([a, b])  # before anything is written
+    assert not pathlib.Path(a.output_dir).exists()
+
+
+def test_weight_decay_may_differ_within_a_pack(tmp_path):
+    a, b = _configs(tmp_path, [-6, -6], model="resnet8", norm="none")
+    b = dataclasses.replace(b, weight_decay=1e-3, output_dir=str(tmp_path / "wd"))
+    packing.check_pack([a, b])
+    with pytest.raises(ConfigError, match="same --output_dir"):
+        packing.check_pack([a, dataclasses.replace(b, output_dir=a.output_dir)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grid_log2_base_lr=-7,-6", "--pack=0"],
+     "--pack=0 must be >= 1 (1: no packing) or auto"),
+    (["--log2_base_lr=-6", "--pack=3"],
+     "--pack=3 packs the points of a sweep; give --grid_* flags (e.g. "
+     "--grid_log2_base_lr) or drop --pack"),
+    (["--log2_base_lr=-6", "--grid_batch_size=2,4,8", "--pack=auto"],
+     "--pack=auto: no two points of this grid differ only in the base learning rate, so "
+     "nothing can share a program (points differing in m, BN batch, epochs, norm or seed "
+     "never do); sweep --grid_log2_base_lr, or drop --pack"),
+], ids=["zero", "single_run", "nothing_to_pack"])
+def test_bad_pack_flags_are_one_line_before_anything_runs(tmp_path, flags, message):
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sbt_keras.run", "--dataset=synthetic", "--model=resnet8",
+         "--batch_size=4", f"--output_dir={out}", *flags], cwd=repo,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)}, capture_output=True,
+        text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------- real kills
+PACK_FLAGS = ["--dataset=synthetic", "--model=resnet8", "--norm=batch", "--image_size=8",
+              "--synthetic_train=128", "--synthetic_test=16", "--batch_size=8",
+              "--epochs=3", "--median_of=1", "--deterministic", "--warmup",
+              "--checkpoint_every_steps=4", "--grid_log2_base_lr=-8,-6,-4", "--pack=3"]
+
+
+def _sweep_table(out):
+    return [{k: v for k, v in r.items() if k != "wall_seconds"}
+            for r in results.read_csv(pathlib.Path(out) / "results.csv")]
+
+
+def _steps(out):
+    return sorted(int(p.name.split("-")[1].split(".")[0])
+                  for p in (pathlib.Path(out) / "checkpoints").glob("ckpt-*.index"))
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_killed_with_9_or_preempted_resumes_to_the_same_table(tmp_path):
+    import signal
+    import time
+
+    from processes import finish, start
+
+    def run(out):
+        return start(["-m", "sbt_keras.run", *PACK_FLAGS, f"--output_dir={out}"])
+
+    reference = tmp_path / "reference"
+    finish(run(reference))
+    trials = [f"lr{r}" for r in (-8, -6, -4)]
+    for how in (signal.SIGKILL, signal.SIGTERM):
+        out = tmp_path / how.name
+        proc = run(out)
+        deadline = time.monotonic() + 300  # 16 steps an epoch: kill in the middle of one
+        while not any(s % 16 for t in trials for s in _steps(out / "trials" / t)
+                      if s > 16):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.02)
+        proc.send_signal(how)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == (143 if how == signal.SIGTERM else -9), err[-2000:]
+        status = {yaml.safe_load((out / "trials" / t / "result.yaml").read_text())["status"]
+                  for t in trials}
+        assert status == ({"preempted"} if how == signal.SIGTERM else {"running"})
+        finish(run(out))
+        assert _sweep_table(out) == _sweep_table(reference), how.name
+        for t in trials:
+            assert _history(out / "trials" / t) == _history(reference / "trials" / t)
