@@ -73,11 +73,21 @@ def check_grid(base: Config, valid, pack):
     if not enabled(pack):
         return
     check_strategy(base)
+    defaults = Config()
+    per_trial = [f"--{name}" for name in PER_TRIAL_INSTRUMENTS
+                 if getattr(base, name) != getattr(defaults, name)]
+    if per_trial:
+        raise ConfigError(f"--pack with {', '.join(per_trial)}: packed trials do not measure "
+                          f"the instruments yet; drop --pack or those settings")
     if all(len(p) == 1 for p in group(valid, pack)):
         raise ConfigError(
             f"--pack={pack}: no two points of this grid differ only in the base learning "
             f"rate, so nothing can share a program (points differing in m, BN batch, "
             f"epochs, norm or seed never do); sweep --grid_log2_base_lr, or drop --pack")
+
+
+# Instruments that measure one network during training: not wired into packed trials.
+PER_TRIAL_INSTRUMENTS = ("gns_every_steps", "sharpness", "sharpness_every", "init_from")
 
 
 def check_strategy(cfg: Config):

@@ -37,7 +37,7 @@ from sbt_keras.config import hparams_of
 from sbt_keras.errors import ConfigError, OutOfMemory, Preempted, first_line
 from sbt_keras.train import (STOP_STATUS, derived_settings, read_history, write_config,
                              write_running)
-from sbt_keras.training import callbacks, norm_records, resume, schedules, snapshot
+from sbt_keras.training import callbacks, norm_records, resume, schedules, snapshot, train_eval
 from sbt_keras.training.builder import build_model
 from sbt_keras.training.packed_model import PackedModel, prefix
 
@@ -171,7 +171,7 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
                     history=trial.history[:plan.history_rows],
                     hparams=hparams_of(trial.cfg, bn_batch_size) if start_step == 0 else None,
                     histogram_freq=trial.cfg.histogram_freq, network=trial.network,
-                    probes=[functools.partial(norm_records.mixing_weights, trial.network)])
+                    probes=[lambda logs, net=trial.network: norm_records.mixing_weights(net)])
                 snapshots = [callbacks.EpochSnapshots(
                     trial.checkpoint, functools.partial(snapshot.epoch_checkpoint_prefix,
                                                         trial.out),
@@ -313,10 +313,9 @@ def _finish(trial, *, lead, info, start_step, started, names):
         trial.recorder.rows, trial.cfg, info.num_classes, trial.divergence.diverged_at_step,
         session=(steps * trial.cfg.batch_size, seconds),
         worker=os.environ.get("KERASTUNER_TUNER_ID"))
-    if norm_records.mix_layers(trial.network):
-        result["mixing_weights"] = norm_records.final_mixing_weights(trial.network)
-        result[norm_records.MEAN_KEY] = norm_records.mixing_weights(trial.network).get(
-            norm_records.MEAN_KEY)
+    # The same records as the trial run alone (train.py): mix weights, generalization gap.
+    result.update(**norm_records.summary(trial.network),
+                  **train_eval.final_training_set_metrics(trial.cfg, trial.model, result))
     result["pack"] = names  # trained in one program with these trials
     trial.recorder.write_final("median_test_accuracy", result["test_accuracy"],
                                result["epochs_completed"])

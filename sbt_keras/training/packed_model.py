@@ -50,6 +50,7 @@ class PackedModel(SummedGradientModel):
         self.members = list(members)
         self.active = list(range(len(self.members)))
         self.unrolled_steps = members[0].unrolled_steps
+        self.gns_every_steps = 0  # no noise measurement across a pack (packing.check_grid)
         self._fit_starting = False
 
     @property
