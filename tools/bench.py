@@ -35,6 +35,7 @@ from absl import app, flags  # noqa: E402
 from sbt_keras import memory, models, norms, results  # noqa: E402
 from sbt_keras.data import Arrays, pipeline  # noqa: E402
 from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer  # noqa: E402
+from tools import machine  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -252,7 +253,7 @@ def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3
                 row.update(_memory())
                 rows.append(row)
                 print(_format_row(row), flush=True)
-    device = {"platform": platform.platform(), "cpus": os.cpu_count(),
+    device = {**machine.describe(), "platform": platform.platform(), "cpus": os.cpu_count(),
               "gpus": [d.name for d in tf.config.list_logical_devices("GPU")],
               "matmul_peak_gflops": peak / 1e9, "tensorflow": tf.__version__,
               "keras": keras.__version__, "steps": steps, "repeats": repeats,
@@ -286,6 +287,7 @@ def markdown(rows, device):
              f"Keras {device['keras']}; median of {device['repeats']} blocks of "
              f"{device['steps']} steps; sbt steps_per_execution={device['steps_per_execution']}"
              f", unrolled_steps={device['unrolled_steps']}, jit_compile={device['jit_compile']}.",
+             machine.line(device, device["matmul_peak_gflops"]),
              "",
              "| " + " | ".join(t for _, t, _ in keys) + " |",
              "|" + "---|" * len(keys)]
