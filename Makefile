@@ -138,15 +138,19 @@ figure: $(STAMP)
 	$(foreach panel,$(FIG_PANELS),$(PY) -m tools.table --results=$(panel)$(newline))
 
 # Throughput against stock Keras fit, PyTorch (installed here as an optional extra) and the
-# arithmetic limit: make bench [BENCH_FLAGS="--models=resnet8,resnet20 --norms=none,batch"]
+# arithmetic limit: make bench [BENCH_FLAGS="--models=resnet8,resnet20 --norms=none,batch"];
+# then trials/hour of a packed grid column vs one at a time vs --sweep_workers
+# (tools/bench_pack.py) [BENCH_PACK_FLAGS="--pack=8 --workers=2 --batch_sizes=2,8,32"]
 BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_FLAGS ?=
+BENCH_PACK_FLAGS ?=
 $(BENCH_STAMP): requirements-bench.txt $(STAMP)
 	$(VENV)/bin/pip install --quiet -r requirements-bench.txt
 	touch $@
 
 bench: $(BENCH_STAMP)
 	$(PY) -m tools.bench --out=runs/bench $(BENCH_FLAGS)
+	$(PY) -m tools.bench_pack --out=runs/bench $(BENCH_PACK_FLAGS)
 
 clean:
 	rm -rf runs

@@ -38,6 +38,7 @@ from absl import app, flags  # noqa: E402
 from sbt_keras import memory, models, norms, results  # noqa: E402
 from sbt_keras.data import Arrays, pipeline  # noqa: E402
 from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer  # noqa: E402
+from tools import machine  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -359,7 +360,7 @@ def run(model_names, norms, batch_sizes, *, bn_batch_size=0, steps=20, repeats=3
                 row.update(_memory())
                 rows.append(row)
                 print(_format_row(row), flush=True)
-    device = {"platform": platform.platform(), "cpus": os.cpu_count(),
+    device = {**machine.describe(), "platform": platform.platform(), "cpus": os.cpu_count(),
               "gpus": [d.name for d in tf.config.list_logical_devices("GPU")],
               "matmul_peak_gflops": peak / 1e9, "tensorflow": tf.__version__,
               "keras": keras.__version__, "steps": steps, "repeats": repeats,
@@ -403,6 +404,7 @@ def markdown(rows, device):
              + (" Progress callback's batch hook: {lines:.1f} µs a call (log lines), "
                 "{bar:.1f} µs (tqdm bar), once per steps_per_execution block.".format(
                     **device["progress_hook_us"]) if "progress_hook_us" in device else ""),
+             machine.line(device, device["matmul_peak_gflops"]),
              "",
              "| " + " | ".join(t for _, t, _ in keys) + " |",
              "|" + "---|" * len(keys)]

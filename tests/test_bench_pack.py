@@ -1,0 +1,61 @@
+"""The packed-trials benchmark: its trials/hour arithmetic, a 2-step smoke run, and the
+machine line every bench table carries (CPU model, instruction sets, GPUs, matmul peak)."""
+import pytest
+
+from tools import bench_pack, machine
+
+PEAK = 2e9
+
+
+def test_trials_per_hour_by_hand():
+    # 82 epochs of 50,000 examples at m = 8: 512,500 steps; at 10 ms a step one trial
+    # takes 5,125 s, so 0.7024 trials an hour; a pack of 8 at 40 ms a step, 8 x 1/4 of it.
+    assert bench_pack.trials_per_hour(0.010, 8) == pytest.approx(3600 / 5125)
+    assert bench_pack.trials_per_hour(0.040, 8, 8) == pytest.approx(2 * 3600 / 5125)
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_pack.machine, "gpu_models", lambda: [])
+        return bench_pack.run("resnet8", "none", [2], k=2, workers=0, steps=2, repeats=1,
+                              shape=(8, 8, 3), peak=PEAK)
+
+
+def test_smoke_row_compares_the_pack_with_one_trial_at_a_time(smoke):
+    (row,), _ = smoke
+    assert (row["m"], row["k"]) == (2, 2)
+    assert row["packed_speedup"] == pytest.approx(2 * row["single_ms"] / row["packed_ms"])
+    assert row["packed_trials_per_hour"] == pytest.approx(
+        bench_pack.trials_per_hour(row["packed_ms"] / 1e3, 2, 2))
+    assert row["packed_limit_fraction"] == pytest.approx(
+        2 * row["single_limit_fraction"] * row["single_ms"] / row["packed_ms"])
+
+
+def test_smoke_table_names_the_machine(smoke):
+    text = bench_pack.markdown(*smoke)
+    model, isa = machine.cpu_info()
+    assert f"CPU: {model}" in text and "float32 matmul peak 2 GFLOP/s" in text
+    assert all(flag in text for flag in isa)
+    assert "| resnet8 | none | 2 | 2 |" in text
+
+
+def test_cpu_info_reads_model_and_instruction_sets(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n"
+                       "flags\t\t: fpu sse4_2 avx avx2 fma bmi2\n\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu\n")
+    assert machine.cpu_info(str(cpuinfo)) == ("AMD EPYC 7B13",
+                                              ["sse4_2", "avx", "avx2", "fma"])
+    line = machine.line({"cpu_model": "AMD EPYC 7B13", "isa": ["avx2"], "cpus": 2,
+                         "gpu_models": []}, 150e0)
+    assert line == ("CPU: AMD EPYC 7B13 (2 CPUs; ISA: avx2); GPU: none; float32 matmul "
+                    "peak 150 GFLOP/s.")
+
+
+def test_conv_formulations_time_every_variant():
+    table = bench_pack.conv_formulations(2, 2, channels=2, size=4, steps=5, repeats=1)
+    assert set(table) == {"one trial", "K separate", "grouped", "one trial XLA",
+                          "K separate XLA", "grouped XLA"}
+    assert all(v > 0 for v in table.values())
+    assert "| 2 | " in bench_pack.formulations_markdown(2, {2: table})
