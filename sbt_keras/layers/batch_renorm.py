@@ -35,6 +35,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from sbt_keras.layers.parameters import add_moving_statistics, add_scale_and_offset, channel_count
 from sbt_keras.layers.sub_batches import (
     batch_axes, merge_groups, pooled_moments, split_into_groups, update_moving_statistics)
 from sbt_keras.norms import DEFAULT_OPTIONS, check_options
@@ -79,20 +80,9 @@ class BatchRenormalization(keras.layers.Layer):
         self.scale = scale
 
     def build(self, input_shape):
-        channels = input_shape[-1]
-        if channels is None:
-            raise ValueError(f"{self.name}: needs a known last (channel) dimension")
-        shape = (channels,)
-        self.gamma = (self.add_weight(shape=shape, name="gamma", initializer="ones",
-                                      autocast=False) if self.scale else None)
-        self.beta = (self.add_weight(shape=shape, name="beta", initializer="zeros",
-                                     autocast=False) if self.center else None)
-        self.moving_mean = self.add_weight(
-            shape=shape, name="moving_mean", initializer="zeros", trainable=False,
-            autocast=False, aggregation="mean")
-        self.moving_variance = self.add_weight(
-            shape=shape, name="moving_variance", initializer="ones", trainable=False,
-            autocast=False, aggregation="mean")
+        channels = channel_count(self, input_shape)
+        add_scale_and_offset(self, channels)
+        add_moving_statistics(self, channels)
         self.renorm_step = self.add_weight(
             shape=(), name="renorm_step", initializer="zeros", dtype="int64",
             trainable=False, autocast=False, aggregation="only_first_replica")

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from sbt_keras.layers.parameters import add_scale_and_offset, channel_count
 from sbt_keras.norms import check_groups
 
 MODES = ("layer", "instance", "group")
@@ -81,9 +82,7 @@ class ExampleNormalization(keras.layers.Layer):
         self.scale = scale
 
     def build(self, input_shape):
-        channels = input_shape[-1]
-        if channels is None:
-            raise ValueError(f"{self.name}: needs a known last (channel) dimension")
+        channels = channel_count(self, input_shape)
         if self.mode == "instance" and len(input_shape) < 3:
             raise instance_needs_spatial_error(self.name, input_shape)
         if self.mode == "group":
@@ -94,10 +93,7 @@ class ExampleNormalization(keras.layers.Layer):
                     self.name, input_shape,
                     f"group normalization with one channel per group (gn_groups={channels})")
         self._num_groups = {"layer": 1, "instance": channels, "group": self.groups}[self.mode]
-        self.gamma = (self.add_weight(shape=(channels,), name="gamma", initializer="ones",
-                                      autocast=False) if self.scale else None)
-        self.beta = (self.add_weight(shape=(channels,), name="beta", initializer="zeros",
-                                     autocast=False) if self.center else None)
+        add_scale_and_offset(self, channels)
 
     def call(self, inputs):
         x = ops.cast(inputs, "float32")

@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from sbt_keras.layers.parameters import add_moving_statistics, add_scale_and_offset, channel_count
 from sbt_keras.layers.example_norm import instance_needs_spatial_error
 from sbt_keras.layers.sub_batches import (
     batch_axes, merge_groups, pooled_moments, split_into_groups, update_moving_statistics)
@@ -59,9 +60,7 @@ class MixedNormalization(keras.layers.Layer):
         self.scale = scale
 
     def build(self, input_shape):
-        channels = input_shape[-1]
-        if channels is None:
-            raise ValueError(f"{self.name}: needs a known last (channel) dimension")
+        channels = channel_count(self, input_shape)
         if "instance" in self.components and len(input_shape) < 3:
             raise instance_needs_spatial_error(
                 self.name, input_shape, "mix with an 'instance' component")
@@ -71,17 +70,9 @@ class MixedNormalization(keras.layers.Layer):
             shape = shape + (channels,)
         self.mix_logits = self.add_weight(shape=shape, name="mix_logits", initializer="zeros",
                                           autocast=False)
-        self.gamma = (self.add_weight(shape=(channels,), name="gamma", initializer="ones",
-                                      autocast=False) if self.scale else None)
-        self.beta = (self.add_weight(shape=(channels,), name="beta", initializer="zeros",
-                                     autocast=False) if self.center else None)
+        add_scale_and_offset(self, channels)
         if "batch" in self.components:
-            self.moving_mean = self.add_weight(
-                shape=(channels,), name="moving_mean", initializer="zeros", trainable=False,
-                autocast=False, aggregation="mean")
-            self.moving_variance = self.add_weight(
-                shape=(channels,), name="moving_variance", initializer="ones",
-                trainable=False, autocast=False, aggregation="mean")
+            add_moving_statistics(self, channels)
 
     def mixing_weights(self):
         """alpha as a float32 tensor [K] (or [K, C]), ordered like `components`."""

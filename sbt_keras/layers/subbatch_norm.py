@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from sbt_keras.layers.parameters import add_moving_statistics, add_scale_and_offset, channel_count
 from sbt_keras.layers.sub_batches import (
     batch_axes, pooled_moments, split_into_groups, update_moving_statistics)
 from sbt_keras.norms import MOVING_VARIANCE_CHOICES
@@ -75,29 +76,9 @@ class SubBatchNormalization(keras.layers.Layer):
         self.scale = scale
 
     def build(self, input_shape):
-        channels = input_shape[-1]
-        if channels is None:
-            raise ValueError("SubBatchNormalization needs a known last (channel) dimension")
-        shape = (channels,)
-        # autocast=False keeps the parameters float32 under mixed precision, like Keras BN.
-        self.gamma = (
-            self.add_weight(shape=shape, name="gamma", initializer="ones", autocast=False)
-            if self.scale else None
-        )
-        self.beta = (
-            self.add_weight(shape=shape, name="beta", initializer="zeros", autocast=False)
-            if self.center else None
-        )
-        # aggregation="mean" maps to tf.VariableAggregation.MEAN: an assign made in a
-        # replica context is all-reduced (averaged) across replicas before it is applied.
-        self.moving_mean = self.add_weight(
-            shape=shape, name="moving_mean", initializer="zeros", trainable=False,
-            autocast=False, aggregation="mean",
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape, name="moving_variance", initializer="ones", trainable=False,
-            autocast=False, aggregation="mean",
-        )
+        channels = channel_count(self, input_shape)
+        add_scale_and_offset(self, channels)
+        add_moving_statistics(self, channels)
 
     def call(self, inputs, training=None):
         x = ops.cast(inputs, "float32")
