@@ -14,9 +14,10 @@ Layout of a sweep's output_dir:
 Resume works at two levels. Trial directories are named by the point's values, not by
 keras-tuner's trial id, so a re-run of a finished point returns its stored result at once and
 an interrupted one resumes from its last epoch checkpoint. keras-tuner's GridSearchOracle
-does not save its grid cursor, so after a reload it either stops early or raises KeyError
-(keras-tuner issue 1055); `ResumableGridOracle` saves it. The private keras-tuner hooks this
-touches are listed in `sbt_keras/upstream.py`.
+walks the grid with a cursor it does not save, so after a reload it either stops early or
+raises KeyError (keras-tuner issue 1055); `ResumableGridOracle` needs no cursor: it hands out
+the first point not started yet (parallel_grid.py), from the set keras-tuner does save. The
+private keras-tuner hooks this touches are listed in `sbt_keras/upstream.py`.
 """
 import hashlib
 import json
@@ -348,8 +349,7 @@ def _hparam_domains(union_grid):
 # ---------------------------------------------------------------------- keras-tuner fix
 class ResumableGridOracle(HandOutEveryPointAtOnce, keras_tuner.oracles.GridSearchOracle):
     """A GridSearchOracle that hands every worker a different point at once
-    (parallel_grid.py), saves and restores its grid cursor (see module docstring), and
-    writes its state files atomically: keras-tuner writes them in place, so a kill during
+    (parallel_grid.py), so no grid cursor needs saving (see module docstring), and writes its state files atomically: keras-tuner writes them in place, so a kill during
     a save would leave truncated JSON that stops the sweep's resume."""
 
     def save(self):
@@ -359,27 +359,6 @@ class ResumableGridOracle(HandOutEveryPointAtOnce, keras_tuner.oracles.GridSearc
         _save_json_atomic(os.path.join(self._get_trial_dir(trial.trial_id), "trial.json"),
                           trial.get_state())
 
-    def get_state(self):
-        state = super().get_state()
-        state["grid_order"] = _linked_list_items(self._ordered_ids)
-        state["grid_populate_next"] = list(self._populate_next)
-        return state
-
-    def set_state(self, state):
-        super().set_state(state)
-        self._ordered_ids = type(self._ordered_ids)()  # keras-tuner's LinkedList
-        for trial_id in state.get("grid_order", []):
-            self._ordered_ids.insert(trial_id)
-        self._populate_next = list(state.get("grid_populate_next", []))
-
 
 def _save_json_atomic(path, state):
     results.write_text_atomic(path, json.dumps(state))
-
-
-def _linked_list_items(linked):
-    items, index = [], linked._next_index[None]
-    while index is not None:
-        items.append(linked._memory[index])
-        index = linked._next_index[index]
-    return items

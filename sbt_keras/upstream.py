@@ -31,10 +31,6 @@ Keras 3 (`sbt_keras/training/summed_sgd.py`, `SummedGradientModel`):
   `tests/test_upstream.py`.
 
 keras-tuner 1.4 (`sbt_keras/sweep.py`):
-- `GridSearchOracle._ordered_ids` (a `LinkedList`, read through `_memory` and
-  `_next_index`) and `GridSearchOracle._populate_next`: the grid cursor, which keras-tuner
-  does not save, so a reloaded sweep stops early or raises KeyError (keras-tuner#1055).
-  `ResumableGridOracle` saves and restores them.
 - `Oracle._compute_values_hash(values)` and `Oracle._tried_so_far` (the hashes of every
   point a trial was created for, saved in oracle.json): `parallel_grid.py` hands each
   worker the first point not in it, instead of GridSearchOracle's wait for a finished trial
@@ -79,9 +75,8 @@ TUNER_METHODS = (
     ("keras_tuner.Tuner", "_is_worker", ()),
 )
 EPOCH_ITERATOR = ("keras.src.trainers.epoch_iterator.EpochIterator", "num_batches")
-GRID_ORACLE_ATTRIBUTES = ("_ordered_ids", "_populate_next", "_tried_so_far")
+GRID_ORACLE_ATTRIBUTES = ("_tried_so_far",)
 ORACLE_RETRY_ATTRIBUTES = ("_retry_queue", "_run_times")
-LINKED_LIST_ATTRIBUTES = ("_memory", "_next_index")
 
 
 def parameter_names(function):

@@ -39,20 +39,13 @@ def test_the_epoch_iterator_reports_its_batch_count():
         f"{owner}.{name} is gone: {WHY}"
 
 
-def test_grid_oracle_has_the_cursor_attributes():
+def test_grid_oracle_has_the_started_points_attribute():
     hp = keras_tuner.HyperParameters()
     hp.Choice("batch_size", [2, 4])
     oracle = keras_tuner.oracles.GridSearchOracle(
         objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
     for name in upstream.GRID_ORACLE_ATTRIBUTES:
         assert hasattr(oracle, name), f"GridSearchOracle.{name} is gone: {WHY}"
-    linked = oracle._ordered_ids
-    linked.insert("a")
-    linked.insert("b")
-    for name in upstream.LINKED_LIST_ATTRIBUTES:
-        assert hasattr(linked, name), f"LinkedList.{name} is gone: {WHY}"
-    from sbt_keras.sweep import _linked_list_items
-    assert _linked_list_items(linked) == ["a", "b"]
 
 
 
