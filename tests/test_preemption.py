@@ -72,6 +72,7 @@ def _stop_and_resume(run, reference, started):
     assert _latest_checkpoint(run / "checkpoints") == step
     assert _latest_checkpoint(run / "workertemp_worker1" / "checkpoints") == step
     assert results.read_yaml(run / "result.yaml")["status"] == "preempted"
+    assert results.read_yaml(run / "workertemp_worker1" / "result.yaml")["status"] == "preempted"
 
     print(f"stopped at step {step} (epoch {step // STEPS_PER_EPOCH + 1}, batch "
           f"{step % STEPS_PER_EPOCH})")
@@ -96,3 +97,46 @@ def _stop_and_resume(run, reference, started):
     for name, value in want.items():
         assert (got[name] == value).all(), name
     assert not list(run.glob("workertemp_*"))
+
+
+def test_one_sigterm_owner_and_one_save_at_the_agreed_step(tmp_path):
+    # In one process, without a cluster (the handler's local mode), at the callback level:
+    # our handler keeps SIGTERM, the handler agrees on a later block, and exactly that
+    # step is saved, once, with the Preempted that `run` turns into exit status 143.
+    import os
+    import types
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from sbt_keras.errors import Preempted
+    from sbt_keras.training import callbacks
+    from sbt_keras.training.preemption import agreed_stop
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse", steps_per_execution=2)
+    divergence = callbacks.DivergenceStop()
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model, optimizer=model.optimizer), str(tmp_path), 10)
+    owners = []
+
+    class _SigtermAtStep6(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            owners.append(signal.getsignal(signal.SIGTERM))
+            if int(self.model.optimizer.iterations.numpy()) == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1.5)  # the handler looks at our flag once a second
+
+    with callbacks.Preemption() as preemption:
+        checkpointer = callbacks.Checkpointer(manager, divergence, None, steps_per_epoch=8)
+        with agreed_stop(types.SimpleNamespace(cluster_resolver=None), preemption,
+                         checkpointer, steps_per_epoch=8) as stop:
+            with pytest.raises(Preempted, match="preempted at step 8, checkpoint saved"):
+                model.fit(np.zeros((16, 2)), np.zeros((16, 1)), batch_size=2, epochs=2,
+                          verbose=0, callbacks=[divergence, _SigtermAtStep6(), checkpointer,
+                                                stop])
+    # Flag seen at step 6's check: the agreed step is the next block's end, the epoch's
+    # (step 8), asked after the epoch-end save, which the agreed save does not repeat.
+    assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-8"]
+    assert set(owners) == {preemption._handle}
