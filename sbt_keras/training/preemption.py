@@ -31,7 +31,6 @@ import contextlib
 
 import keras
 import tensorflow as tf
-from absl import logging
 
 from sbt_keras.errors import Preempted
 
@@ -65,7 +64,7 @@ def agreed_stop(strategy, preemption, checkpointer, steps_per_epoch):
 
     config = tf.distribute.experimental.TerminationConfig(
         termination_watcher_fn=lambda: preemption.requested, exit_fn=exit_fn,
-        save_fn=lambda: checkpointer.save(), grace_period=0)
+        save_fn=checkpointer.save, grace_period=0)
     # Never written (save_fn saves) and its directory never made: the handler only
     # restores from it, finds nothing, and starts its counter at 0.
     unused = tf.train.CheckpointManager(
@@ -73,12 +72,11 @@ def agreed_stop(strategy, preemption, checkpointer, steps_per_epoch):
         max_to_keep=1)
     handler = tf.distribute.experimental.PreemptionCheckpointHandler(
         strategy.cluster_resolver, unused, termination_config=config)
-    try:
-        yield AgreedStop(handler, steps_per_epoch)
-    finally:
-        # The handler stops its threads itself before exit_fn; after a normal end its
-        # __del__ would, but nothing says when it runs: a thread still blocked on the
-        # coordination service when the chief (which hosts it) exits logs errors.
-        handler._stop_cluster_wise_termination_watcher_thread()
-        handler._stop_poll_termination_signal_thread()
-        logging.debug("preemption handler stopped")
+    yield AgreedStop(handler, steps_per_epoch)
+    # A normal end (after a preemption the handler has stopped its threads before exit_fn;
+    # after an error they are daemons, left to die with the process, since stopping them
+    # talks to a coordination service that may be gone). Its __del__ would stop them, but
+    # nothing says when that runs: a thread still blocked on the coordination service when
+    # the chief (which hosts it) exits logs errors.
+    handler._stop_cluster_wise_termination_watcher_thread()
+    handler._stop_poll_termination_signal_thread()
