@@ -21,6 +21,7 @@ from sbt_keras.config import Config, hparams_of
 from sbt_keras.errors import OutOfMemory, first_line
 from sbt_keras.training import (noise_records, norm_records, resume, sharpness_callback,
                                 snapshot, train_eval, warm_start)
+from sbt_keras.training.preemption import agreed_stop
 
 # result.yaml status of a run that stopped before its end, by what stopped it.
 STOP_STATUS = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}
@@ -119,12 +120,17 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         ] if cfg.keep_checkpoint_every_epochs else []
         run_progress = progress.callbacks_for_run(cfg, steps_per_epoch)
         started = time.monotonic()
-        with callbacks.Preemption() as preemption:
-            checkpointer = callbacks.Checkpointer(manager, divergence, preemption,
+        with callbacks.Preemption() as preemption, contextlib.ExitStack() as stack:
+            # Multi-worker: the workers agree on one step to stop at (training/preemption.py);
+            # a worker acting alone on its SIGTERM would leave the others blocked.
+            agreed = cfg.strategy == "multi_worker"
+            alone = None if agreed else preemption
+            checkpointer = callbacks.Checkpointer(manager, divergence, alone,
                                                   steps_per_epoch, cfg.checkpoint_every_steps)
+            stops = [stack.enter_context(agreed_stop(strategy, preemption, checkpointer,
+                                                     steps_per_epoch))] if agreed else []
             # Before the recorder: a measured epoch's row and checkpoint carry the value.
-            measures = sharpness_callback.for_run(cfg, network, divergence, preemption,
-                                                  strategy)
+            measures = sharpness_callback.for_run(cfg, network, divergence, alone, strategy)
             for phase in plan.phases:
                 if divergence.diverged:
                     break
@@ -138,7 +144,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                           callbacks=[restore_metrics, divergence, *noise, *measures, recorder,
                                      *run_progress,
                                      callbacks.EpochLog(cfg.epochs), checkpointer,
-                                     *snapshots, *extra_callbacks])
+                                     *snapshots, *stops, *extra_callbacks])
         session_steps = int(model.optimizer.iterations.numpy()) - start_step
 
         # -------------------------------------------------------------- Results

@@ -1,4 +1,4 @@
-"""Every private Keras / keras-tuner hook sbt_keras overrides or reads, in one place.
+"""Every private Keras / keras-tuner / TensorFlow hook sbt_keras uses, in one place.
 
 The pins in requirements.txt guard these; `tests/test_upstream.py` checks each one against
 the installed libraries and fails naming this list when an upgrade renames, removes or
@@ -48,6 +48,13 @@ keras-tuner 1.4 (`sbt_keras/sweep.py`):
   failed for good; re-running a sweep puts them back in the retry queue. No upstream issue
   found.
 
+TensorFlow 2.21 (`sbt_keras/training/preemption.py`):
+- `PreemptionCheckpointHandler._stop_cluster_wise_termination_watcher_thread()` and
+  `_stop_poll_termination_signal_thread()`, called when a multi-worker run ends without a
+  preemption: the handler stops its two watcher threads itself only before its `exit_fn`,
+  and otherwise in `__del__`, which nothing promises to run before the chief (which hosts
+  the coordination service the threads block on) exits. No upstream issue found.
+
 Log texts matched, not hooks (`sbt_keras/console.py`; if an upgrade rewords one, that line is
 simply shown again): TensorFlow's native start-up lines without a GPU (cudart_stub's "Could
 not find cuda drivers", cuda_platform's "failed call to cuInit", port.cc's "oneDNN custom
@@ -73,6 +80,12 @@ TUNER_METHODS = (
     ("keras_tuner.Oracle", "_save_trial", ("trial",)),
     ("keras_tuner.Tuner", "_get_tuner_fname", ()),
     ("keras_tuner.Tuner", "_is_worker", ()),
+)
+TF_METHODS = (
+    ("tensorflow.python.distribute.failure_handling.failure_handling."
+     "PreemptionCheckpointHandler", "_stop_cluster_wise_termination_watcher_thread", ()),
+    ("tensorflow.python.distribute.failure_handling.failure_handling."
+     "PreemptionCheckpointHandler", "_stop_poll_termination_signal_thread", ()),
 )
 EPOCH_ITERATOR = ("keras.src.trainers.epoch_iterator.EpochIterator", "num_batches")
 GRID_ORACLE_ATTRIBUTES = ("_tried_so_far",)

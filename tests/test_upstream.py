@@ -1,4 +1,5 @@
-"""The private Keras / keras-tuner hooks of sbt_keras/upstream.py still exist as used."""
+"""The private Keras / keras-tuner / TensorFlow hooks of sbt_keras/upstream.py still exist
+as used."""
 import importlib
 
 import keras
@@ -17,7 +18,8 @@ def _resolve(dotted):
 
 
 @pytest.mark.parametrize("owner, name, params",
-                         upstream.KERAS_METHODS + upstream.TUNER_METHODS)
+                         upstream.KERAS_METHODS + upstream.TUNER_METHODS
+                         + upstream.TF_METHODS)
 def test_private_methods_keep_their_signature(owner, name, params):
     cls = _resolve(owner)
     assert hasattr(cls, name), f"{owner}.{name} is gone: {WHY}"

@@ -201,6 +201,9 @@ class Checkpointer(keras.callbacks.Callback):
     evaluation and history row: a checkpoint at an epoch's end always has its row, so a
     resumed run never skips an epoch's evaluation. SIGTERM during that last block or
     during the evaluation therefore stops after the evaluation.
+
+    `preemption` None: something else acts on SIGTERM (a multi-worker run's workers agree
+    on the step to stop at, training/preemption.py, and save through `save`).
     """
 
     def __init__(self, manager, divergence, preemption, steps_per_epoch, every_steps=0):
@@ -215,7 +218,9 @@ class Checkpointer(keras.callbacks.Callback):
     def _step(self):
         return int(self.model.optimizer.iterations.numpy())
 
-    def _save(self):
+    def save(self):
+        """Saves the current step unless it is saved already (or training diverged);
+        returns the step."""
         step = self._step()
         if step != self._last and not self.divergence.diverged:
             self.manager.save(checkpoint_number=step)
@@ -223,8 +228,9 @@ class Checkpointer(keras.callbacks.Callback):
         return step
 
     def _stop_if_preempted(self):
-        if self.preemption.requested and not self.divergence.diverged:
-            raise Preempted(f"preempted at step {self._save()}; checkpoint saved")
+        if (self.preemption is not None and self.preemption.requested
+                and not self.divergence.diverged):
+            raise Preempted(f"preempted at step {self.save()}; checkpoint saved")
 
     def on_train_begin(self, logs=None):
         if self.every_steps and self._last is None:  # interval saves at multiples of N
@@ -237,10 +243,10 @@ class Checkpointer(keras.callbacks.Callback):
             return  # the epoch's end: saved by on_epoch_end, after the evaluation
         self._stop_if_preempted()
         if self.every_steps and step - self._last >= self.every_steps:
-            self._save()
+            self.save()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._save()
+        self.save()
         self._stop_if_preempted()
 
 
