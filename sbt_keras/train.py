@@ -105,13 +105,9 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         # Keras counts a per-worker dataset's per-replica batches as steps: say how many
         # global evaluation batches there are.
         eval_steps = -(-info.num_test // cfg.eval_batch_size)
-        recorder = callbacks.EpochRecorder(
-            out, batch_size=cfg.batch_size, schedule=schedule,
-            history=history[:plan.history_rows],
-            hparams=hparams_of(cfg, bn_batch_size) if start_step == 0 else None,
-            histogram_freq=cfg.histogram_freq, network=network,
-            probes=[lambda logs: norm_records.mixing_weights(network),
-                    *(n.epoch_values for n in noise), sharpness_callback.probe(cfg)])
+        recorder = _epoch_recorder(cfg, schedule, history[:plan.history_rows], network,
+                                   noise, hparams_of(cfg, bn_batch_size) if start_step == 0
+                                   else None)
         restore_metrics = callbacks.RestoreMetrics(
             metric_variables, [v.numpy() for v in metric_variables] if plan.mid_epoch else None)
         snapshots = [callbacks.EpochSnapshots(
@@ -148,19 +144,38 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         session_steps = int(model.optimizer.iterations.numpy()) - start_step
 
         # -------------------------------------------------------------- Results
-        result = results.summarize(
-            recorder.rows, cfg, info.num_classes, divergence.diverged_at_step,
-            session=(session_steps * cfg.batch_size, time.monotonic() - started),
-            worker=os.environ.get("KERASTUNER_TUNER_ID"))  # which sweep worker ran it
-        result.update(**noise_records.summary(recorder.rows), **norm_records.summary(network),
-                      **train_eval.final_training_set_metrics(cfg, model, result))
-        recorder.write_final("median_test_accuracy", result["test_accuracy"],
-                             result["epochs_completed"])
+        result = _final_result(cfg, info, model, network, recorder, divergence.diverged_at_step,
+                               (session_steps * cfg.batch_size, time.monotonic() - started))
     results.write_yaml(os.path.join(out, results.RESULT_FILE), result)
     if not chief:
         tf.io.gfile.rmtree(out)
     logging.info("%s: %s, test accuracy (median of final %d) %.4f", out, result["status"],
                  cfg.median_of, result["test_accuracy"])
+    return result
+
+
+def _epoch_recorder(cfg, schedule, history, network, noise, hparams):
+    """The callback that writes history.csv and TensorBoard, with the run's per-epoch
+    probes: mixing weights, gradient noise, sharpness."""
+    from sbt_keras.training import callbacks
+
+    return callbacks.EpochRecorder(
+        cfg.output_dir, batch_size=cfg.batch_size, schedule=schedule, history=history,
+        hparams=hparams, histogram_freq=cfg.histogram_freq, network=network,
+        probes=[lambda logs: norm_records.mixing_weights(network),
+                *(n.epoch_values for n in noise), sharpness_callback.probe(cfg)])
+
+
+def _final_result(cfg, info, model, network, recorder, diverged_at_step, session):
+    """result.yaml's content from the recorded epochs and the final network; `session` is
+    (examples, seconds) trained by this process. Writes the final TensorBoard value."""
+    result = results.summarize(
+        recorder.rows, cfg, info.num_classes, diverged_at_step, session=session,
+        worker=os.environ.get("KERASTUNER_TUNER_ID"))  # which sweep worker ran it
+    result.update(**noise_records.summary(recorder.rows), **norm_records.summary(network),
+                  **train_eval.final_training_set_metrics(cfg, model, result))
+    recorder.write_final("median_test_accuracy", result["test_accuracy"],
+                         result["epochs_completed"])
     return result
 
 
