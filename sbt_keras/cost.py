@@ -146,17 +146,21 @@ def power_of_two(exponent):
 
 def figure_seconds(trials, single_ms, packed_ms=None, k=1, overhead_s=0.0):
     """(seconds one trial at a time, seconds packed) of a figure's trials [(m, train steps,
-    test examples evaluated over the run)], from {m: ms per step} of one trial
-    (`single_ms`) and of a pack of `k` trials (`packed_ms`; None: no packed figure).
+    test examples evaluated over the run, size of the pack --pack=K puts it in)], from
+    {m: ms per step} of one trial (`single_ms`) and of a pack of `k` trials (`packed_ms`;
+    None: no packed figure).
 
     One trial: steps·t₁(m) + evaluated examples / m · EVAL_FRACTION · t₁(m), plus
-    `overhead_s` of set-up. Packed: each trial pays t_K(m)/K per step instead of t₁(m) (a
-    short last pack of a column is taken to cost its share of a full one), and evaluation
-    and set-up alike -- so the packed total is Σ (t_K/K)/t₁ times each trial's time."""
+    `overhead_s` of set-up. Packed: a trial that shares its pack pays t_K(m)/K per step
+    instead of t₁(m) (a short last pack of a column is taken to cost its share of a full
+    one), evaluation and set-up alike; a trial alone in its pack (no other eta_tilde at its
+    m) costs what it costs unpacked."""
     single = packed = 0.0
-    for m, steps, evaluated in trials:
+    for m, steps, evaluated, pack_size in trials:
         work = steps + evaluated / m * EVAL_FRACTION  # in step-times
-        single += work * interpolated_seconds(single_ms, m) + overhead_s
+        alone = work * interpolated_seconds(single_ms, m) + overhead_s
+        single += alone
         if packed_ms is not None:
-            packed += work * interpolated_seconds(packed_ms, m) / k + overhead_s
+            packed += (work * interpolated_seconds(packed_ms, m) / k + overhead_s
+                       if pack_size > 1 else alone)
     return single, (packed if packed_ms is not None else None)

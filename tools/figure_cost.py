@@ -13,7 +13,8 @@ figure's flagfile (experiments/figures/*.flags) into its grid exactly as a sweep
 earlier sweep), and costs each trial with sbt_keras/cost.py's `figure_seconds`: train steps
 plus one test-set evaluation per epoch, at the step time of its m -- linear in m between the
 measured batch sizes and the last segment's a + b·m beyond them. Trials that diverge and
-stop early are costed in full (an upper bound). ImageNet figures (ResNet-50) are left out:
+stop early are costed in full (an upper bound). A grid with one eta_tilde per m (Fig. 4, 13)
+has nothing to pack: its packed hours are its hours one at a time. ImageNet figures (ResNet-50) are left out:
 their step times were not measured here.
 """
 import glob
@@ -51,9 +52,10 @@ def define_flags():
 
 
 # ---------------------------------------------------------------------- figure grids
-def figure_trials(flagfile):
-    """((model, norm), [(m, train steps, test examples evaluated)]) of a figure's sweep: its
-    valid grid points, resolved as the sweep resolves them."""
+def figure_trials(flagfile, k=8):
+    """((model, norm), [(m, train steps, test examples evaluated, pack size)]) of a figure's
+    sweep: its valid grid points, resolved as the sweep resolves them, and the size of the
+    pack `--pack=k` would put each in (packing.group: only eta_tilde may differ in a pack)."""
     fv = flags.FlagValues()
     run_flags.define_flags(fv)
     run_flags.define_sweep_flags(fv)
@@ -67,15 +69,16 @@ def figure_trials(flagfile):
     valid, _ = grid_lib.split_points(base, grid, lambda point: point.name)
     info = valid[0][1].data_info()
     trials = []
-    for _, cfg in valid:
-        _, steps = cost.run_steps(cfg, info)
-        trials.append((cfg.batch_size, steps, cfg.epochs * info.num_test))
+    for pack in packing.group(valid, k):
+        for _, cfg in pack:
+            _, steps = cost.run_steps(cfg, info)
+            trials.append((cfg.batch_size, steps, cfg.epochs * info.num_test, len(pack)))
     return (base.model, base.norm), trials
 
 
-def figure_pairs(names):
+def figure_pairs(names, k=8):
     """{flagfile name: ((model, norm), trials)} of the README rows `names`."""
-    return {f: figure_trials(os.path.join(FIGURES, f + ".flags"))
+    return {f: figure_trials(os.path.join(FIGURES, f + ".flags"), k)
             for name in names for f in README_ROWS[name]}
 
 
@@ -144,12 +147,11 @@ def _load(path):
 
 def main(argv):
     del argv
-    grids = figure_pairs(FLAGS.figures)
     path = FLAGS.times or os.path.join(FLAGS.out, "step_times.json")
     if FLAGS.measure:
         from tools import bench, machine
 
-        pairs = sorted({pair for pair, _ in grids.values()})
+        pairs = sorted({pair for pair, _ in figure_pairs(FLAGS.figures).values()})
         sizes = [int(m) for m in FLAGS.batch_sizes]
         load_before = os.getloadavg()
         times = measure(pairs, sizes, FLAGS.pack, FLAGS.steps, FLAGS.repeats)
@@ -161,7 +163,8 @@ def main(argv):
                 "batch_sizes": sizes}
         results.write_text_atomic(path, json.dumps({"meta": meta, "times": times}, indent=1))
     data = _load(path)
-    text = markdown(hours_table(grids, data["times"], data["meta"]["pack"]), data["meta"])
+    k = data["meta"]["pack"]
+    text = markdown(hours_table(figure_pairs(FLAGS.figures, k), data["times"], k), data["meta"])
     results.write_text_atomic(os.path.join(FLAGS.out, "figure_cost.md"), text + "\n")
     print(text)
 

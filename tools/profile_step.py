@@ -52,6 +52,9 @@ def define_flags():
     flags.DEFINE_integer("steps", 10, "Steps per timed or profiled block.")
     flags.DEFINE_integer("repeats", 3, "Rounds of (TF wall, PyTorch wall, TF profile, "
                          "PyTorch profile); medians are reported.")
+    flags.DEFINE_integer("threads", 0, "Threads for both frameworks (TF intra- and inter-op, "
+                         "torch.set_num_threads); 0: each framework's default (all cores). "
+                         "1 compares the kernels alone, which a busy machine disturbs less.")
     flags.DEFINE_list("knobs", [], f"Time the TF step under these settings instead "
                       f"({', '.join(KNOBS)}); 'all' for every one.")
     flags.DEFINE_list("knob_batch_sizes", [], "m for --knobs (default: --m).")
@@ -151,6 +154,8 @@ def _tf_setup():
     """Applies this process's knob flags; returns the tf module."""
     import tensorflow as tf
 
+    if FLAGS.threads:
+        FLAGS.inter_op_threads = FLAGS.intra_op_threads = FLAGS.threads
     if FLAGS.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
     if FLAGS.intra_op_threads:
@@ -202,7 +207,7 @@ def torch_blocks(name, m, steps):
 
     from tools import torch_baseline
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(FLAGS.threads or os.cpu_count())
     block = torch_baseline.timed_block(int(name[len("resnet"):]), True, m, steps)
 
     def profiled():
@@ -237,7 +242,8 @@ def markdown(result, meta):
     lines = [meta["machine"],
              f"{meta['model']} + BN, m = {meta['m']}, {meta['date']}, load average "
              f"{meta['load']}; TF {meta['tf']}, PyTorch {meta['torch']}; median of "
-             f"{meta['repeats']} interleaved rounds of {meta['steps']} steps. Op times are "
+             f"{meta['repeats']} interleaved rounds of {meta['steps']} steps; threads: "
+             f"{meta['threads'] or 'each framework default'}. Op times are "
              f"ms per step under the profiler; wall times without it.", "",
              "| op class | TF ms | TF % of ops | PyTorch ms | PyTorch % of ops | TF − PyTorch ms |",
              "|---|---|---|---|---|---|"]
@@ -305,7 +311,7 @@ def _meta(repeats):
 
     from tools import bench, machine
     return {"machine": machine.line(machine.describe(), bench.matmul_peak_flops() / 1e9),
-            "model": FLAGS.model, "m": FLAGS.m, "steps": FLAGS.steps, "repeats": repeats,
+            "model": FLAGS.model, "m": FLAGS.m, "threads": FLAGS.threads, "steps": FLAGS.steps, "repeats": repeats,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
             "tf": tf.__version__, "torch": torch.__version__}
@@ -335,8 +341,9 @@ def main(argv):
     _tf_setup()
     result = profile(FLAGS.model, FLAGS.m, FLAGS.steps, FLAGS.repeats)
     text = markdown(result, _meta(FLAGS.repeats))
-    results.write_text_atomic(os.path.join(FLAGS.out, "profile.md"), text + "\n")
-    results.write_text_atomic(os.path.join(FLAGS.out, "profile.json"),
+    stem = f"profile_threads{FLAGS.threads}" if FLAGS.threads else "profile"
+    results.write_text_atomic(os.path.join(FLAGS.out, stem + ".md"), text + "\n")
+    results.write_text_atomic(os.path.join(FLAGS.out, stem + ".json"),
                               json.dumps(result, indent=1))
     print(text)
 
