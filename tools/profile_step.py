@@ -57,6 +57,10 @@ def define_flags():
                          "1 compares the kernels alone, which a busy machine disturbs less.")
     flags.DEFINE_list("knobs", [], f"Time the TF step under these settings instead "
                       f"({', '.join(KNOBS)}); 'all' for every one.")
+    flags.DEFINE_boolean("shortcut", False, "Instead: time the option-A shortcut (stride-2 "
+                         "subsample + zero channels, forward and gradient) as written in "
+                         "models/resnet_cifar.py vs as one 1x1 stride-2 convolution with a "
+                         "constant [I | 0] kernel (the same numbers), at --m.")
     flags.DEFINE_list("knob_batch_sizes", [], "m for --knobs (default: --m).")
     flags.DEFINE_integer("rounds", 2, "Rounds of --knobs.")
     flags.DEFINE_string("out", "runs/profile", "Where profile.md and .json go.")
@@ -262,6 +266,45 @@ def markdown(result, meta):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------- shortcut
+def shortcut_formulations(m, size=32, cin=16, cout=32, steps=50, repeats=5):
+    """{name: ms} of the option-A shortcut's forward + input gradient, NHWC float32."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tools import bench
+    from sbt_keras.models import resnet_cifar
+
+    x = tf.constant(np.random.RandomState(0).randn(m, size, size, cin).astype(np.float32))
+    extra = cout - cin
+    kernel = np.zeros((1, 1, cin, cout), np.float32)  # [I | 0]: channel c -> c + extra // 2
+    kernel[0, 0, np.arange(cin), np.arange(cin) + extra // 2] = 1.0
+    kernel = tf.constant(kernel)
+    forms = {"slice + pad": lambda t: resnet_cifar._shortcut_a(t, cout),
+             "1x1 stride-2 conv": lambda t: tf.nn.conv2d(t, kernel, 2, "VALID")}
+    blocks = {}
+    for name, form in forms.items():
+        @tf.function
+        def step(t, form=form):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                y = form(t)
+            return y, tape.gradient(y, t, output_gradients=tf.ones_like(y))
+
+        a, b = forms["slice + pad"](x), form(x)
+        assert np.array_equal(a.numpy(), b.numpy()), name  # the same numbers
+
+        def block(step=step):
+            import time
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(x)
+            return (time.perf_counter() - start) / steps
+
+        blocks[name] = block
+    return {k: v * 1e3 for k, v in bench.interleaved(blocks, repeats).items()}
+
+
 # ---------------------------------------------------------------------- knobs
 def knob_times(names, batch_sizes, rounds, steps):
     """{(knob, m): [ms per step per round]}: each knob in its own process, in turns."""
@@ -329,6 +372,11 @@ def main(argv):
         print(json.dumps({"ms": statistics.median(block() for _ in range(3)) * 1e3}))
         return
     os.makedirs(FLAGS.out, exist_ok=True)
+    if FLAGS.shortcut:
+        _tf_setup()
+        times = shortcut_formulations(FLAGS.m)
+        print(json.dumps(times), f"load {os.getloadavg()[0]:.1f}")
+        return
     if FLAGS.knobs:
         names = list(KNOBS) if FLAGS.knobs == ["all"] else FLAGS.knobs
         names = ["default"] + [n for n in names if n != "default"]
