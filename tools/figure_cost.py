@@ -17,7 +17,7 @@ stop early are costed in full (an upper bound). A grid with one eta_tilde per m 
 has nothing to pack: its packed hours are its hours one at a time. ImageNet figures (ResNet-50) are left out:
 their step times were not measured here.
 """
-import glob
+import dataclasses
 import json
 import os
 import time
@@ -64,7 +64,7 @@ def figure_trials(flagfile, k=8):
     fv["grid_best_lr_from"].value = ""  # the eta_tilde per m does not change the cost
     base = run_flags.config_from_flags(fv)
     if base.base_lr is None and base.log2_base_lr is None:
-        base = base.__class__(**{**base.__dict__, "log2_base_lr": -8.0})
+        base = dataclasses.replace(base, log2_base_lr=-8.0)
     grid = grid_lib.Grid.from_flags(base, run_flags.grid_texts_from_flags(fv), fv.seeds)
     valid, _ = grid_lib.split_points(base, grid, lambda point: point.name)
     info = valid[0][1].data_info()
