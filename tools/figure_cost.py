@@ -14,8 +14,8 @@ earlier sweep), and costs each trial with sbt_keras/cost.py's `figure_seconds`: 
 plus one test-set evaluation per epoch, at the step time of its m -- linear in m between the
 measured batch sizes and the last segment's a + b·m beyond them. Trials that diverge and
 stop early are costed in full (an upper bound). A grid with one eta_tilde per m (Fig. 4, 13)
-has nothing to pack: its packed hours are its hours one at a time. ImageNet figures (ResNet-50) are left out:
-their step times were not measured here.
+has nothing to pack: its packed hours are its hours one at a time. ImageNet figures
+(ResNet-50) are left out: their step times were not measured here.
 """
 import dataclasses
 import json

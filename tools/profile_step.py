@@ -249,7 +249,8 @@ def markdown(result, meta):
              f"{meta['repeats']} interleaved rounds of {meta['steps']} steps; threads: "
              f"{meta['threads'] or 'each framework default'}. Op times are "
              f"ms per step under the profiler; wall times without it.", "",
-             "| op class | TF ms | TF % of ops | PyTorch ms | PyTorch % of ops | TF − PyTorch ms |",
+             "| op class | TF ms | TF % of ops | PyTorch ms | PyTorch % of ops "
+             "| TF − PyTorch ms |",
              "|---|---|---|---|---|---|"]
     tf_ops = sum(v for k, v in tf_.items() if k != "wall")
     pt_ops = sum(v for k, v in pt.items() if k != "wall")
@@ -354,7 +355,8 @@ def _meta(repeats):
 
     from tools import bench, machine
     return {"machine": machine.line(machine.describe(), bench.matmul_peak_flops() / 1e9),
-            "model": FLAGS.model, "m": FLAGS.m, "threads": FLAGS.threads, "steps": FLAGS.steps, "repeats": repeats,
+            "model": FLAGS.model, "m": FLAGS.m, "threads": FLAGS.threads,
+            "steps": FLAGS.steps, "repeats": repeats,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
             "tf": tf.__version__, "torch": torch.__version__}
