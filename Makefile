@@ -8,7 +8,7 @@ CIFAR10_DIR ?= $(abspath ../shared/data/cifar10-subset)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install test test-all demo demo-norms demo-noise demo-sharpness warm-start-study \
-	norm-study figure bench clean
+	norm-study figure bench figure-cost profile clean
 
 install: $(STAMP)
 
@@ -151,6 +151,21 @@ $(BENCH_STAMP): requirements-bench.txt $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) -m tools.bench --out=runs/bench $(BENCH_FLAGS)
 	$(PY) -m tools.bench_pack --out=runs/bench $(BENCH_PACK_FLAGS)
+
+# The README's figure-cost table on this machine: step times of one trial and of a pack of K,
+# per model and m, then each figure's hours from its grid (tools/figure_cost.py)
+# [FIGURE_COST_FLAGS="--pack=13 --batch_sizes=2,8,32,128,512 --steps=10 --repeats=3"]
+FIGURE_COST_FLAGS ?=
+figure-cost: $(STAMP)
+	$(PY) -m tools.figure_cost --measure --out=runs/bench $(FIGURE_COST_FLAGS)
+
+# The ResNet-20 m = 32 step op class by op class, TF vs PyTorch, then TF's settings tried
+# (tools/profile_step.py; docs/profile_vs_pytorch.md) [PROFILE_FLAGS="--m=8 --repeats=5"]
+PROFILE_FLAGS ?=
+profile: $(BENCH_STAMP)
+	$(PY) -m tools.profile_step --out=runs/profile $(PROFILE_FLAGS)
+	$(PY) -m tools.profile_step --out=runs/profile --knobs=all \
+	    --knob_batch_sizes=2,32,128 $(PROFILE_FLAGS)
 
 clean:
 	rm -rf runs

@@ -42,9 +42,17 @@ def documented_step_seconds(model, norm, m):
     table = (DOCUMENTED_STEP_MS.get((model, norm))
              or DOCUMENTED_STEP_MS.get((model, "batch"))
              or DOCUMENTED_STEP_MS.get((model, "none")))
-    if not table:
-        return None
+    return interpolated_seconds(table, m) if table else None
+
+
+def interpolated_seconds(table, m):
+    """Seconds per step at m from {m: ms per step}: the a + b·m line through the two nearest
+    measured batch sizes (the per-step floor plus the per-example cost), so beyond the
+    largest measured m the last segment's slope extrapolates; floored at a tenth of the
+    smallest m's time."""
     sizes = sorted(table)
+    if len(sizes) == 1:
+        return table[sizes[0]] * m / sizes[0] / 1e3
     if m in table:
         return table[m] / 1e3
     lo = max((s for s in sizes if s < m), default=sizes[0])
@@ -134,3 +142,25 @@ def power_of_two(exponent):
     if float(exponent).is_integer():
         return "2" + str(int(exponent)).translate(_SUPERSCRIPT)
     return f"2^{exponent:g}"
+
+
+def figure_seconds(trials, single_ms, packed_ms=None, k=1, overhead_s=0.0):
+    """(seconds one trial at a time, seconds packed) of a figure's trials [(m, train steps,
+    test examples evaluated over the run, size of the pack --pack=K puts it in)], from
+    {m: ms per step} of one trial (`single_ms`) and of a pack of `k` trials (`packed_ms`;
+    None: no packed figure).
+
+    One trial: steps·t₁(m) + evaluated examples / m · EVAL_FRACTION · t₁(m), plus
+    `overhead_s` of set-up. Packed: a trial that shares its pack pays t_K(m)/K per step
+    instead of t₁(m) (a short last pack of a column is taken to cost its share of a full
+    one), evaluation and set-up alike; a trial alone in its pack (no other eta_tilde at its
+    m) costs what it costs unpacked."""
+    single = packed = 0.0
+    for m, steps, evaluated, pack_size in trials:
+        work = steps + evaluated / m * EVAL_FRACTION  # in step-times
+        alone = work * interpolated_seconds(single_ms, m) + overhead_s
+        single += alone
+        if packed_ms is not None:
+            packed += (work * interpolated_seconds(packed_ms, m) / k + overhead_s
+                       if pack_size > 1 else alone)
+    return single, (packed if packed_ms is not None else None)
