@@ -340,3 +340,31 @@ def test_a_packed_sweep_killed_with_9_or_preempted_resumes_to_the_same_table(tmp
         assert _sweep_table(out) == _sweep_table(reference), how.name
         for t in trials:
             assert _history(out / "trials" / t) == _history(reference / "trials" / t)
+
+
+# ---------------------------------------------------------------------- grouped formulation
+GROUPED = dict(SUBBATCH, pack_formulation="grouped")
+# Per-trial weight decay too: lambda differs as much as eta_tilde does.
+DECAYS = [0.0, 1e-3, 3e-2]
+
+
+def _decay_configs(root, **settings):
+    return [dataclasses.replace(c, weight_decay=wd)
+            for c, wd in zip(_configs(root, RATES, **settings), DECAYS)]
+
+
+@pytest.fixture(scope="module")
+def decay_alone(tmp_path_factory):
+    """Three ResNet-8 sub-batch BN trials differing in eta_tilde and lambda, each alone."""
+    root = tmp_path_factory.mktemp("decay_alone")
+    return {pathlib.Path(c.output_dir).name: _alone(c, root)
+            for c in _decay_configs(root / "configs", **SUBBATCH)}
+
+
+def test_grouped_pack_trials_equal_their_runs_alone(tmp_path, decay_alone, caplog):
+    # One fused ResNet-8 (grouped convs, K-way logits) with sub-batch BN, warm-up, both
+    # decay steps, a different eta_tilde and weight decay per trial.
+    cfgs = _decay_configs(tmp_path / "pack", **GROUPED)
+    caplog.set_level(logging.INFO)
+    _check_pack(cfgs, train_pack(cfgs), decay_alone)
+    assert "Pack of 3 trials: grouped formulation" in caplog.text
