@@ -104,15 +104,28 @@ def test_packed_alexnet_norm_dense_trials_equal_their_runs_alone(tmp_path):
                             for c in cfgs})
 
 
-def test_a_diverging_trial_is_frozen_and_recorded_the_others_go_on(tmp_path):
-    # ResNet-8 without BN; eta_tilde = 2^4 diverges in its first block.
-    cfgs = _configs(tmp_path / "pack", [-6, 4, -5], model="resnet8", norm="none",
-                    steps_per_execution=2)
+# ResNet-8 without BN; eta_tilde = 2^4 diverges in its first block.
+DIVERGING = dict(model="resnet8", norm="none", steps_per_execution=2)
+DIVERGING_RATES = [-6, 4, -5]
+
+
+@pytest.fixture(scope="module")
+def diverging_alone(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diverging_alone")
+    return {pathlib.Path(c.output_dir).name: _alone(c, root)
+            for c in _configs(root / "configs", DIVERGING_RATES, **DIVERGING)}
+
+
+@pytest.mark.parametrize("formulation", ["separate", "grouped"])
+def test_a_diverging_trial_is_frozen_and_recorded_the_others_go_on(tmp_path, formulation,
+                                                                   diverging_alone):
+    cfgs = _configs(tmp_path / "pack", DIVERGING_RATES, **DIVERGING,
+                    pack_formulation=formulation)
     out = train_pack(cfgs)
     assert [r["status"] for r in out] == ["completed", "diverged", "completed"]
     assert out[1]["test_accuracy"] == pytest.approx(0.1)  # at chance, as unpacked
     for cfg in cfgs:  # the NaN reached neither neighbour: both equal their runs alone
-        assert_same_run(cfg.output_dir, _alone(cfg, tmp_path / "alone"))
+        assert_same_run(cfg.output_dir, diverging_alone[pathlib.Path(cfg.output_dir).name])
     assert out[1]["diverged_at_step"] < out[0]["steps"] == 8
 
 
@@ -140,9 +153,11 @@ def _stop_after_epoch(epoch):
     return Stop()
 
 
+@pytest.mark.parametrize("formulation", ["separate", "grouped"])
 def test_an_interrupted_pack_resumes_from_the_step_every_trial_saved(tmp_path, caplog,
-                                                                      subbatch_alone):
-    cfgs = _configs(tmp_path / "pack", RATES, **SUBBATCH)
+                                                                      subbatch_alone,
+                                                                      formulation):
+    cfgs = _configs(tmp_path / "pack", RATES, **SUBBATCH, pack_formulation=formulation)
     with pytest.raises(KeyboardInterrupt):
         train_pack(cfgs, extra_callbacks=[_stop_after_epoch(1)])
     assert {_result(c.output_dir)["status"] for c in cfgs} == {"interrupted"}
@@ -368,3 +383,45 @@ def test_grouped_pack_trials_equal_their_runs_alone(tmp_path, decay_alone, caplo
     caplog.set_level(logging.INFO)
     _check_pack(cfgs, train_pack(cfgs), decay_alone)
     assert "Pack of 3 trials: grouped formulation" in caplog.text
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(norm="layer"), "--pack_formulation=grouped: --norm=layer is not per channel, so K "
+                         "trials cannot share its layers (per-channel: none, batch); use "
+                         "--pack_formulation=separate or auto"),
+    (dict(norm="group"), "--pack_formulation=grouped: --norm=group is not per channel"),
+    (dict(norm="mix"), "--pack_formulation=grouped: --norm=mix is not per channel"),
+    (dict(model="alexnet_reduced"),
+     "--pack_formulation=grouped: --model=alexnet_reduced has no fused (grouped) network "
+     "(the CIFAR ResNets do); use --pack_formulation=separate or auto"),
+    (dict(strategy="mirrored"),
+     "--pack_formulation=grouped runs on one device (--strategy=default), not "
+     "--strategy=mirrored with 1 replica(s); use --pack_formulation=separate or auto"),
+], ids=["layer", "group", "mix", "alexnet", "mirrored"])
+def test_grouped_formulation_refuses_what_it_cannot_fuse(tmp_path, change, message):
+    a, b = _configs(tmp_path, [-6, -5], **{"model": "resnet8", "pack_formulation": "grouped",
+                                           **change})
+    with pytest.raises(ConfigError) as error:
+        packing.check_pack([a, b])
+    assert str(error.value).startswith(message)
+    with pytest.raises(ConfigError):
+        train_pack([a, b])  # before anything is written
+    assert not pathlib.Path(a.output_dir).exists()
+    # auto falls back to the separate formulation, on any device.
+    auto = dataclasses.replace(a, pack_formulation="auto")
+    assert {packing.formulation(auto, d, 2) for d in ("cpu", "gpu")} == {packing.SEPARATE}
+
+
+def test_auto_formulation_is_grouped_on_accelerators_and_measured_on_cpu(tmp_path):
+    (cfg,) = _configs(tmp_path, [-6], **SUBBATCH)
+    assert cfg.pack_formulation == "auto"
+    assert packing.formulation(cfg, "gpu", 8) == packing.formulation(cfg, "tpu", 8) == \
+        packing.GROUPED
+    small = dataclasses.replace(cfg, batch_size=packing.CPU_GROUPED_MAX_BATCH or 1)
+    big = dataclasses.replace(cfg, batch_size=packing.CPU_GROUPED_MAX_BATCH * 2 or 2)
+    assert packing.formulation(big, "cpu", 8) == packing.SEPARATE
+    assert packing.formulation(small, "cpu", 8) == (
+        packing.GROUPED if packing.CPU_GROUPED_MAX_BATCH else packing.SEPARATE)
+    assert packing.formulation(cfg, "gpu", 1) == packing.SEPARATE  # one trial: nothing to fuse
+    forced = dataclasses.replace(cfg, pack_formulation="separate")
+    assert packing.formulation(forced, "gpu", 8) == packing.SEPARATE

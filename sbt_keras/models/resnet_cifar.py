@@ -9,7 +9,8 @@ sets, trial k in channels [k*C, (k+1)*C) of every activation (trial-major). The 
 conv with K*16 outputs on the shared image; every later conv is grouped (groups=K), so
 trial k's outputs see only trial k's inputs; a per-channel norm (none, batch) is per trial
 as it is; the option-A shortcut pads each trial's channels on their own; the logits are a
-K-way batched matmul (layers/packed_dense.py), (N, K, classes). The builder builds the
+K-way batched matmul (layers/packed_dense.py), (N, K, classes). The grouped convs are
+layers/trial_conv.py's, whose kernel gradient keeps a diverged trial's NaN in its group. The builder builds the
 fused network itself rather than rewriting a built one: every layer's fused form is one
 argument away from its single form here, and a graph rewrite would have to know each
 layer's semantics anyway. Variables keep the single network's paths, with the trial axis
@@ -36,11 +37,15 @@ def _conv3x3(x, filters, strides, use_bias, name, groups=1):
     """
     import keras
 
+    from sbt_keras.layers.trial_conv import TrialGroupedConv2D
+
     padding = "same"
     if strides == 2:
         x = keras.layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
         padding = "valid"
-    return keras.layers.Conv2D(
+    # A fused network's grouped convs keep one trial's NaN out of the others' gradients.
+    conv = keras.layers.Conv2D if groups == 1 else TrialGroupedConv2D
+    return conv(
         filters, 3, strides=strides, padding=padding, use_bias=use_bias, groups=groups,
         kernel_initializer="he_normal", name=name,
     )(x)
