@@ -30,6 +30,17 @@ Keras 3 (`sbt_keras/training/summed_sgd.py`, `SummedGradientModel`):
   retraced step, without the diverged trial, runs from the next block. Checked in
   `tests/test_upstream.py`.
 
+Keras 3 (`sbt_keras/layers/trial_conv.py`, `TrialGroupedConv2D`, the grouped packs'
+convolutions):
+- `keras.layers.Conv2D.convolution_op(inputs, kernel)`, overridden (public name,
+  undocumented as an extension point; `call` hands it the input and the kernel variable).
+  TensorFlow's CPU filter gradient of a grouped convolution lets one group's NaN reach
+  every group's kernel gradient, so one diverged packed trial would poison the others; the
+  override gives the convolution a custom gradient that isolates them. No upstream issue
+  found; tests/test_packed.py's diverging grouped pack reproduces it without the override.
+- `GroupedPackModel` (`sbt_keras/training/grouped.py`) inherits `PackedModel`'s hooks
+  above (`_maybe_symbolic_build`, `train_function` replaced on a freeze).
+
 keras-tuner 1.4 (`sbt_keras/sweep.py`):
 - `GridSearchOracle._ordered_ids` (a `LinkedList`, read through `_memory` and
   `_next_index`) and `GridSearchOracle._populate_next`: the grid cursor, which keras-tuner
@@ -66,6 +77,7 @@ KERAS_METHODS = (
     ("keras.Model", "_maybe_symbolic_build", ("iterator", "data_batch")),
     ("keras.Model", "make_train_function", ("force",)),
     ("keras.Model", "make_test_function", ("force",)),
+    ("keras.layers.Conv2D", "convolution_op", ("inputs", "kernel")),
 )
 KERAS_MODEL_ATTRIBUTES = ("steps_per_execution", "jit_compile", "distribute_strategy",
                           "train_function", "test_function")
