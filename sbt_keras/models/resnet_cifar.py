@@ -7,15 +7,17 @@ without TensorFlow.
 docs/packing.md): the same layers, under the same names, holding K independent weight
 sets, trial k in channels [k*C, (k+1)*C) of every activation (trial-major). The stem is one
 conv with K*16 outputs on the shared image; every later conv is grouped (groups=K), so
-trial k's outputs see only trial k's inputs; a per-channel norm (none, batch) is per trial
-as it is; the option-A shortcut pads each trial's channels on their own; the logits are a
-K-way batched matmul (layers/packed_dense.py), (N, K, classes). The grouped convs are
-layers/trial_conv.py's, whose kernel gradient keeps a diverged trial's NaN in its group. The builder builds the
-fused network itself rather than rewriting a built one: every layer's fused form is one
-argument away from its single form here, and a graph rewrite would have to know each
-layer's semantics anyway. Variables keep the single network's paths, with the trial axis
-last (convs, norms) or first (the logits), which is how training/grouped.py slices them
-into per-trial networks.
+trial k's outputs see only trial k's inputs (layers/trial_conv.py, whose kernel gradient
+also keeps a diverged trial's NaN in its group); a per-channel norm (none, batch) is per
+trial as it is; the option-A shortcut pads each trial's channels on their own; the logits
+are a K-way batched matmul (layers/packed_dense.py), (N, K, classes).
+
+Why the builder builds the fused network itself rather than rewriting a built one: every
+layer's fused form is one argument away from its single form here, while a graph rewrite
+would have to know each layer's semantics anyway (which axis is the trial's, how a
+shortcut pads) and would break silently on a layer it does not know. Variables keep the
+single network's paths, with the trial axis last (convs, norms) or first (the logits),
+which is how training/grouped.py slices them into the per-trial networks.
 """
 import functools
 
