@@ -38,6 +38,9 @@ convolutions):
   every group's kernel gradient, so one diverged packed trial would poison the others; the
   override gives the convolution a custom gradient that isolates them. No upstream issue
   found; tests/test_packed.py's diverging grouped pack reproduces it without the override.
+  It also bypasses `keras.ops.conv`'s TF backend, which wraps every grouped convolution in
+  `tf.function(jit_compile=True)` ("grouped convolutions are broken on CPU without XLA"),
+  10-100x slower on CPU; TF 2.21's own grouped kernel is checked exact by the same tests.
 - `GroupedPackModel` (`sbt_keras/training/grouped.py`) inherits `PackedModel`'s hooks
   above (`_maybe_symbolic_build`, `train_function` replaced on a freeze).
 

@@ -11,6 +11,12 @@ gradients whose non-finite entries are replaced by zeros gives every finite grou
 exact gradient; a non-finite group gets some finite value instead of NaN, which only a
 trial that has already diverged sees (its biases, stem and logits still go NaN, as alone).
 The input gradient and the forward pass are TensorFlow's own.
+
+It also calls TensorFlow's own grouped convolution: Keras 3's TF backend (`ops.conv`)
+compiles every grouped convolution with XLA ("grouped convolutions are broken on CPU
+without XLA"), which on a CPU is 10-100x slower (docs/bench_cpu.md, the issue's 0.34 s a
+step); in TF 2.21 the non-XLA kernel trains the fused network exactly as the K trials
+train alone (tests/test_packed.py), and on GPUs it is cuDNN's grouped convolution.
 """
 import keras
 import tensorflow as tf
