@@ -34,13 +34,12 @@ Keras 3 (`sbt_keras/layers/trial_conv.py`, `TrialGroupedConv2D`, the grouped pac
 convolutions):
 - `keras.layers.Conv2D.convolution_op(inputs, kernel)`, overridden (public name,
   undocumented as an extension point; `call` hands it the input and the kernel variable).
-  TensorFlow's CPU filter gradient of a grouped convolution lets one group's NaN reach
-  every group's kernel gradient, so one diverged packed trial would poison the others; the
-  override gives the convolution a custom gradient that isolates them. No upstream issue
-  found; tests/test_packed.py's diverging grouped pack reproduces it without the override.
-  It also bypasses `keras.ops.conv`'s TF backend, which wraps every grouped convolution in
-  `tf.function(jit_compile=True)` ("grouped convolutions are broken on CPU without XLA"),
-  10-100x slower on CPU; TF 2.21's own grouped kernel is checked exact by the same tests.
+  It calls `tf.nn.conv2d` itself instead of `keras.ops.conv`, whose TF backend wraps every
+  grouped convolution in `tf.function(jit_compile=True)` ("grouped convolutions are broken
+  on CPU without XLA"): on CPU that path is 10-100x slower, and its kernel gradient let one
+  group's NaN reach every group's (one diverged packed trial poisoned the others; measured
+  2026-12-01, no upstream issue found). TF 2.21's own grouped kernel is checked exact and
+  NaN-isolating by tests/test_packed.py.
 - `GroupedPackModel` (`sbt_keras/training/grouped.py`) inherits `PackedModel`'s hooks
   above (`_maybe_symbolic_build`, `train_function` replaced on a freeze).
 

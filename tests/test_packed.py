@@ -426,3 +426,44 @@ def test_auto_formulation_is_grouped_on_accelerators_and_measured_on_cpu(tmp_pat
     assert packing.formulation(cfg, "gpu", 1) == packing.SEPARATE  # one trial: nothing to fuse
     forced = dataclasses.replace(cfg, pack_formulation="separate")
     assert packing.formulation(forced, "gpu", 8) == packing.SEPARATE
+
+
+def test_a_nan_trial_stays_out_of_the_others_kernel_gradients_with_and_without_xla():
+    # Trial 1's stem holds NaN. TF's own grouped kernel keeps it in group 1 (Keras's
+    # Conv2D(groups=K), XLA-wrapped per conv, did not); so does the isolating gradient a
+    # non-finite step falls back to, compiled with XLA, and it is exact for the others.
+    import keras
+    import tensorflow as tf
+
+    from sbt_keras import models
+    from sbt_keras.layers import trial_conv
+
+    net = models.build("resnet8", norm="none", input_shape=(8, 8, 3), num_classes=10,
+                       trials=3)
+    kernel = net.get_layer("stem").kernel
+    poisoned = kernel.numpy()
+    poisoned[..., 16:32] = np.nan
+    kernel.assign(poisoned)
+    images = tf.random.stateless_normal((4, 8, 8, 3), seed=(1, 2))
+    labels = tf.constant([[1] * 3, [2] * 3, [3] * 3, [4] * 3])
+
+    def gradients():
+        with tf.GradientTape() as tape:
+            logits = net(images, training=True)
+            loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True))
+        return tape.gradient(loss, [net.get_layer("stage2_block1_conv2").kernel])[0]
+
+    def isolated():
+        with trial_conv.isolated_gradients():
+            return gradients()
+
+    tf_own = gradients().numpy()
+    xla_isolated = tf.function(isolated, jit_compile=True)().numpy()
+    assert np.isnan(np.split(tf_own, 3, axis=-1)[1]).all()  # the poisoned trial's own
+    for grad in (tf_own, xla_isolated):
+        slices = np.split(grad, 3, axis=-1)
+        assert np.isfinite(slices[0]).all() and np.isfinite(slices[2]).all()
+    for k in (0, 2):  # and the others' are their exact gradients
+        np.testing.assert_allclose(np.split(xla_isolated, 3, axis=-1)[k],
+                                   np.split(tf_own, 3, axis=-1)[k], rtol=1e-4, atol=1e-6)

@@ -29,7 +29,13 @@ weights from them.
 Freezing a diverged trial: a live-mask variable gates every update of its slices with
 `tf.where` (never a multiply by zero: 0 * NaN is NaN) -- trainable weights, and the norms'
 moving statistics, which the forward pass itself updates and the step puts back -- so its
-slices stay as they were when it was frozen and its NaNs stay in them.
+slices stay as they were when it was frozen and its NaNs stay in them. Before that (the
+rest of the block in which it diverged, as an unpacked run goes on to its block's end) no
+value flows between slices on TensorFlow's own grouped kernel; as a guard for kernels that
+might mix them (Keras's own XLA-wrapped grouped conv did), a step whose gradients are not
+all finite is recomputed with the isolating kernel gradient (layers/trial_conv.py), at the
+cost of a second forward/backward on those steps only; finite gradients cannot have been
+contaminated (a leaked NaN or Inf stays non-finite).
 
 Supported: the CIFAR ResNets with a per-channel norm (none, batch incl. sub-batch BN), the
 default strategy; `packing.check_formulation` refuses the rest with one line.
@@ -38,6 +44,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from sbt_keras.layers import trial_conv
 from sbt_keras.training.packed_model import PackedModel, prefix
 
 
@@ -111,16 +118,32 @@ class GroupedPackModel(PackedModel):
         labels = ops.broadcast_to(ops.expand_dims(labels, 1), ops.shape(logits)[:2])
         return self.members[0]._per_example_loss(labels, logits)
 
-    def train_step(self, data):
-        images, labels = data
-        state = self.network.non_trainable_variables
-        saved = [tf.identity(v) for v in state]
+    def _gradients(self, images, labels):
+        """(logits, per-example losses (N, K), gradients of their sum)."""
         with tf.GradientTape() as tape:
             logits = self.network(images, training=True)  # (N, K, classes)
             per_example = self._trial_losses(labels, logits)
             loss_sum = ops.sum(per_example)  # every trial's Sigma_i L_i, summed
+        return logits, per_example, tape.gradient(loss_sum, self.network.trainable_variables)
+
+    def train_step(self, data):
+        images, labels = data
+        state = self.network.non_trainable_variables
+        saved = [tf.identity(v) for v in state]
+        logits, per_example, grads = self._gradients(images, labels)
+
+        def isolated():
+            # The same forward pass again (the norms' moving statistics put back first),
+            # with the grouped convs' NaN-isolating kernel gradient (layers/trial_conv.py).
+            for variable, old in zip(state, saved):
+                variable.assign(old)
+            with trial_conv.isolated_gradients():
+                return self._gradients(images, labels)[2]
+
+        # A sum is non-finite iff some term is (or it overflowed: a harmless false alarm).
+        finite = tf.math.is_finite(tf.add_n([tf.reduce_sum(g) for g in grads]))
+        grads = tf.cond(finite, lambda: [tf.identity(g) for g in grads], isolated)
         variables = self.network.trainable_variables
-        grads = tape.gradient(loss_sum, variables)
         rates = tf.stack([ops.cast(s(self._step), "float32") for s in self.schedules])
         # m * lambda_k as SummedGradientModel computes it: float32 batch size times lambda.
         decay = ops.cast(ops.shape(images)[0], "float32") * tf.constant(
