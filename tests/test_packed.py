@@ -291,7 +291,11 @@ def test_weight_decay_may_differ_within_a_pack(tmp_path):
      "--pack=auto: no two points of this grid differ only in the base learning rate, so "
      "nothing can share a program (points differing in m, BN batch, epochs, norm or seed "
      "never do); sweep --grid_log2_base_lr, or drop --pack"),
-], ids=["zero", "single_run", "nothing_to_pack"])
+    (["--grid_log2_base_lr=-7,-6", "--pack=2", "--norm=layer",
+      "--pack_formulation=grouped"],
+     "--pack_formulation=grouped: --norm=layer is not per channel, so K trials cannot share "
+     "its layers (per-channel: none, batch); use --pack_formulation=separate or auto"),
+], ids=["zero", "single_run", "nothing_to_pack", "grouped_layer_norm"])
 def test_bad_pack_flags_are_one_line_before_anything_runs(tmp_path, flags, message):
     import subprocess
     import sys
