@@ -124,11 +124,12 @@ def check_formulation(cfg: Config, replicas=1):
 
 
 # --pack_formulation=auto on a CPU: grouped up to this batch size. Measured with K = 8
-# (docs/bench_cpu.md, 2026-12-01, shared 2-core Xeon, no XLA): grouped vs separate ms/step,
-# ResNet-20 m = 2: 114 vs 158, m = 4: 195 vs 264, m = 8: 479 vs 335; ResNet-8 m = 2: 40 vs
-# 44, m = 4: 79 vs 85, m = 8: 180 vs 142. TF's CPU grouped conv shares the per-kernel cost
-# of the K trials' convs, which dominates at small m, and loses to K plain convs beyond.
-CPU_GROUPED_MAX_BATCH = 4
+# (docs/bench_cpu.md, 2026-12-01, shared 2-core Xeon, no XLA), grouped vs separate ms/step:
+# ResNet-20 m = 2: 157 vs 284, 4: 169 vs 204, 8: 176 vs 231, 16: 300 vs 301, 32: 569 vs 559;
+# ResNet-8 m = 2: 28 vs 47, 4: 36 vs 47, 8: 64 vs 88, 16: 132 vs 143, 32: 250 vs 239.
+# One grouped kernel shares the per-kernel cost of the K trials' convs, which dominates
+# at small m; by m = 32 TF's CPU grouped conv is no faster than K plain ones.
+CPU_GROUPED_MAX_BATCH = 16
 
 
 def formulation(cfg: Config, device, trials, replicas=1):
