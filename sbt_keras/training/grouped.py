@@ -28,8 +28,9 @@ weights from them.
 
 Freezing a diverged trial: a live-mask variable gates every update of its slices with
 `tf.where` (never a multiply by zero: 0 * NaN is NaN) -- trainable weights, and the norms'
-moving statistics, which the forward pass itself updates and the step puts back -- so its
-slices stay as they were when it was frozen and its NaNs stay in them. Before that (the
+moving statistics, which the forward pass itself updates and the step puts back. Its
+records and checkpoints are its member's, published at the block it diverged; its fused
+slices are zeroed when it is frozen, so its NaNs leave the program. Before that (the
 rest of the block in which it diverged, as an unpacked run goes on to its block's end) no
 value flows between slices on TensorFlow's own grouped kernel; as a guard for kernels that
 might mix them (Keras's own XLA-wrapped grouped conv did), a step whose gradients are not
@@ -176,11 +177,22 @@ class GroupedPackModel(PackedModel):
         return logs
 
     def freeze(self, k):
-        """Gates member k's updates off and retraces the step without its metrics."""
+        """Gates member k's updates off, zeroes its fused slices and retraces the step
+        without its metrics. Its weights live on in its member (published at the block it
+        diverged, and recorded from there); zeros in the fused slices keep its NaNs out of
+        later steps, whose gradients are then finite again (no isolating recomputation)."""
         if k not in self.active or len(self.active) == 1:
             return
         self._live.assign([i != k and bool(live) for i, live in
                            enumerate(self._live.numpy())])
+        for variable, axis, _ in self._pairs[k]:
+            value = variable.numpy()
+            if axis == 0:
+                value[k] = 0
+            else:
+                width = value.shape[-1] // self.trials
+                value[..., k * width:(k + 1) * width] = 0
+            variable.assign(value)
         super().freeze(k)
 
     @property
