@@ -242,6 +242,13 @@ class Config:
         "(measurements: docs/bench_cpu.md).", group="execution", execution=True)
     jit_compile: bool = setting(False, "Compile the train step with XLA.", group="execution",
                                 execution=True)
+    pack_formulation: str = setting(
+        "auto", "With --pack: how K packed trials are computed. 'separate': K sub-graphs in "
+        "one step (any model and norm); 'grouped': one fused network with K weight sets, "
+        "grouped convolutions (CIFAR ResNets, --norm=none|batch, one device); 'auto': "
+        "grouped on GPU/TPU, on CPU by the measured batch-size crossover "
+        "(docs/packing.md).", group="execution", choices=("auto", "separate", "grouped"),
+        execution=True)
     tpu_timeout: float = setting(
         120.0, "--strategy=tpu: give up (one line, exit 2) when the TPU has not answered "
         "within this many seconds.", group="execution", execution=True)

@@ -13,7 +13,14 @@ does not have (a deliberate choice: a pack is then exactly K unpacked trials).
 
 The grid is cut into packs of up to K such points, in grid order; `auto` packs every
 column of eta_tilde whole. `--pack=1` is no packing at all: the ordinary sweep.
+
+How a pack is computed (`--pack_formulation`, `formulation`): `separate`, K sub-graphs in
+one step (training/packed_model.py), works for every model, norm and tested strategy;
+`grouped`, one fused network with K weight sets (training/grouped.py), needs a model with a
+fused builder, a per-channel norm and one device; `auto` picks per device (see
+`formulation`).
 """
+from sbt_keras import models
 from sbt_keras.config import EXECUTION_FIELDS, Config
 from sbt_keras.errors import ConfigError
 
@@ -22,6 +29,7 @@ AUTO = "auto"
 PER_TRIAL = ("base_lr", "log2_base_lr", "weight_decay", "output_dir")
 # Strategies a pack has been tested under; the others are refused (see check_pack).
 STRATEGIES = ("default", "mirrored")
+SEPARATE, GROUPED = "separate", "grouped"
 
 
 def parse(text):
@@ -73,6 +81,7 @@ def check_grid(base: Config, valid, pack):
     if not enabled(pack):
         return
     check_strategy(base)
+    check_formulation(base)
     defaults = Config()
     per_trial = [f"--{name}" for name in PER_TRIAL_INSTRUMENTS
                  if getattr(base, name) != getattr(defaults, name)]
@@ -90,6 +99,56 @@ def check_grid(base: Config, valid, pack):
 PER_TRIAL_INSTRUMENTS = ("gns_every_steps", "sharpness", "sharpness_every", "init_from")
 
 
+def grouped_refusal(cfg: Config, replicas=1):
+    """Why the grouped formulation cannot run `cfg`'s pack (one line), or None."""
+    fused_norms = models.spec(cfg.model).fused_norms
+    if not fused_norms:
+        return (f"--pack_formulation=grouped: --model={cfg.model} has no fused (grouped) "
+                f"network (the CIFAR ResNets do); use --pack_formulation=separate or auto")
+    if cfg.norm not in fused_norms:
+        return (f"--pack_formulation=grouped: --norm={cfg.norm} is not per channel, so K "
+                f"trials cannot share its layers (per-channel: {', '.join(fused_norms)}); "
+                f"use --pack_formulation=separate or auto")
+    if cfg.strategy != "default" or replicas > 1:
+        return (f"--pack_formulation=grouped runs on one device (--strategy=default), not "
+                f"--strategy={cfg.strategy} with {replicas} replica(s); use "
+                f"--pack_formulation=separate or auto")
+    return None
+
+
+def check_formulation(cfg: Config, replicas=1):
+    """ConfigError when --pack_formulation=grouped is asked for and cannot run."""
+    reason = grouped_refusal(cfg, replicas)
+    if cfg.pack_formulation == GROUPED and reason:
+        raise ConfigError(reason)
+
+
+# --pack_formulation=auto on a CPU: grouped up to this batch size. Measured with K = 8
+# (docs/bench_cpu.md, 2026-12-01, shared 2-core Xeon, no XLA), grouped vs separate ms/step:
+# ResNet-20 m = 2: 157 vs 284, 4: 169 vs 204, 8: 176 vs 231, 16: 300 vs 301, 32: 569 vs 559;
+# ResNet-8 m = 2: 28 vs 47, 4: 36 vs 47, 8: 64 vs 88, 16: 132 vs 143, 32: 250 vs 239.
+# One grouped kernel shares the per-kernel cost of the K trials' convs, which dominates
+# at small m; by m = 32 TF's CPU grouped conv is no faster than K plain ones.
+CPU_GROUPED_MAX_BATCH = 16
+
+
+def formulation(cfg: Config, device, trials, replicas=1):
+    """SEPARATE or GROUPED for a pack of `trials` trials of `cfg` on `device` ("cpu",
+    "gpu", "tpu"). `auto`: grouped on GPU/TPU (grouped convolutions are native there);
+    on a CPU grouped only up to CPU_GROUPED_MAX_BATCH, the measured crossover; separate
+    wherever grouped cannot run (grouped_refusal) and for a single trial."""
+    check_formulation(cfg, replicas)
+    if trials < 2 or cfg.pack_formulation == SEPARATE:
+        return SEPARATE
+    if cfg.pack_formulation == GROUPED:
+        return GROUPED
+    if grouped_refusal(cfg, replicas):
+        return SEPARATE
+    if device in ("gpu", "tpu") or cfg.batch_size <= CPU_GROUPED_MAX_BATCH:
+        return GROUPED
+    return SEPARATE
+
+
 def check_strategy(cfg: Config):
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"--pack is not supported with --strategy={cfg.strategy} (tested: "
@@ -101,6 +160,7 @@ def check_pack(cfgs):
     if not cfgs:
         raise ConfigError("a pack needs at least one trial")
     check_strategy(cfgs[0])
+    check_formulation(cfgs[0])
     first = cfgs[0].to_dict()
     for cfg in cfgs[1:]:
         other = cfg.to_dict()

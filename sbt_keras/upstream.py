@@ -30,6 +30,19 @@ Keras 3 (`sbt_keras/training/summed_sgd.py`, `SummedGradientModel`):
   retraced step, without the diverged trial, runs from the next block. Checked in
   `tests/test_upstream.py`.
 
+Keras 3 (`sbt_keras/layers/trial_conv.py`, `TrialGroupedConv2D`, the grouped packs'
+convolutions):
+- `keras.layers.Conv2D.convolution_op(inputs, kernel)`, overridden (public name,
+  undocumented as an extension point; `call` hands it the input and the kernel variable).
+  It calls `tf.nn.conv2d` itself instead of `keras.ops.conv`, whose TF backend wraps every
+  grouped convolution in `tf.function(jit_compile=True)` ("grouped convolutions are broken
+  on CPU without XLA"): on CPU that path is 10-100x slower, and its kernel gradient let one
+  group's NaN reach every group's (one diverged packed trial poisoned the others; measured
+  2026-12-01, no upstream issue found). TF 2.21's own grouped kernel is checked exact and
+  NaN-isolating by tests/test_packed.py.
+- `GroupedPackModel` (`sbt_keras/training/grouped.py`) inherits `PackedModel`'s hooks
+  above (`_maybe_symbolic_build`, `train_function` replaced on a freeze).
+
 keras-tuner 1.4 (`sbt_keras/sweep.py`):
 - `Oracle._compute_values_hash(values)` and `Oracle._tried_so_far` (the hashes of every
   point a trial was created for, saved in oracle.json): `parallel_grid.py` hands each
@@ -69,6 +82,7 @@ KERAS_METHODS = (
     ("keras.Model", "_maybe_symbolic_build", ("iterator", "data_batch")),
     ("keras.Model", "make_train_function", ("force",)),
     ("keras.Model", "make_test_function", ("force",)),
+    ("keras.layers.Conv2D", "convolution_op", ("inputs", "kernel")),
 )
 KERAS_MODEL_ATTRIBUTES = ("steps_per_execution", "jit_compile", "distribute_strategy",
                           "train_function", "test_function")

@@ -30,6 +30,10 @@ def test_smoke_row_compares_the_pack_with_one_trial_at_a_time(smoke):
         bench_pack.trials_per_hour(row["packed_ms"] / 1e3, 2, 2))
     assert row["packed_limit_fraction"] == pytest.approx(
         2 * row["single_limit_fraction"] * row["single_ms"] / row["packed_ms"])
+    # The grouped formulation (one fused network) is a column of its own.
+    assert row["grouped_speedup"] == pytest.approx(2 * row["single_ms"] / row["grouped_ms"])
+    assert row["grouped_trials_per_hour"] == pytest.approx(
+        bench_pack.trials_per_hour(row["grouped_ms"] / 1e3, 2, 2))
 
 
 def test_smoke_table_names_the_machine(smoke):
@@ -37,7 +41,7 @@ def test_smoke_table_names_the_machine(smoke):
     model, isa = machine.cpu_info()
     assert f"CPU: {model}" in text and "float32 matmul peak 2 GFLOP/s" in text
     assert all(flag in text for flag in isa)
-    assert "| resnet8 | none | 2 | 2 |" in text
+    assert "| resnet8 | none | 2 | 2 |" in text and "grouped pack ms/step" in text
 
 
 def test_cpu_info_reads_model_and_instruction_sets(tmp_path):

@@ -284,7 +284,8 @@ def test_execution_and_hparam_sets_follow_the_declarations():
         "output_dir", "steps_per_execution", "unrolled_steps", "jit_compile",
         "eval_batch_size", "histogram_freq", "download", "data_dir", "manual_dir",
         "cifar_dir", "strategy", "tpu", "deterministic", "checkpoint_every_steps",
-        "keep_checkpoint_every_epochs", "tpu_timeout", "sweep_failure_limit"}
+        "keep_checkpoint_every_epochs", "tpu_timeout", "sweep_failure_limit",
+        "pack_formulation"}
     cfg = parse(SYNTH + ["--batch_size=8", "--log2_base_lr=-7"]).resolve()
     shown = config_lib.hparams_of(cfg, bn_batch_size=4)
     assert set(shown) == config_lib.HPARAM_FIELDS | {"bn_batch_size"}

@@ -91,7 +91,8 @@ def _check_pack(cfgs, out, alone):
 
 
 def test_packed_resnet8_subbatch_bn_trials_equal_their_runs_alone(tmp_path, subbatch_alone):
-    cfgs = _configs(tmp_path / "pack", RATES, **SUBBATCH)
+    # The separate formulation (auto would fuse these m = 4 trials on a CPU).
+    cfgs = _configs(tmp_path / "pack", RATES, **SUBBATCH, pack_formulation="separate")
     _check_pack(cfgs, train_pack(cfgs), subbatch_alone)
 
 
@@ -104,15 +105,28 @@ def test_packed_alexnet_norm_dense_trials_equal_their_runs_alone(tmp_path):
                             for c in cfgs})
 
 
-def test_a_diverging_trial_is_frozen_and_recorded_the_others_go_on(tmp_path):
-    # ResNet-8 without BN; eta_tilde = 2^4 diverges in its first block.
-    cfgs = _configs(tmp_path / "pack", [-6, 4, -5], model="resnet8", norm="none",
-                    steps_per_execution=2)
+# ResNet-8 without BN; eta_tilde = 2^4 diverges in its first block.
+DIVERGING = dict(model="resnet8", norm="none", steps_per_execution=2)
+DIVERGING_RATES = [-6, 4, -5]
+
+
+@pytest.fixture(scope="module")
+def diverging_alone(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diverging_alone")
+    return {pathlib.Path(c.output_dir).name: _alone(c, root)
+            for c in _configs(root / "configs", DIVERGING_RATES, **DIVERGING)}
+
+
+@pytest.mark.parametrize("formulation", ["separate", "grouped"])
+def test_a_diverging_trial_is_frozen_and_recorded_the_others_go_on(tmp_path, formulation,
+                                                                   diverging_alone):
+    cfgs = _configs(tmp_path / "pack", DIVERGING_RATES, **DIVERGING,
+                    pack_formulation=formulation)
     out = train_pack(cfgs)
     assert [r["status"] for r in out] == ["completed", "diverged", "completed"]
     assert out[1]["test_accuracy"] == pytest.approx(0.1)  # at chance, as unpacked
     for cfg in cfgs:  # the NaN reached neither neighbour: both equal their runs alone
-        assert_same_run(cfg.output_dir, _alone(cfg, tmp_path / "alone"))
+        assert_same_run(cfg.output_dir, diverging_alone[pathlib.Path(cfg.output_dir).name])
     assert out[1]["diverged_at_step"] < out[0]["steps"] == 8
 
 
@@ -140,9 +154,11 @@ def _stop_after_epoch(epoch):
     return Stop()
 
 
+@pytest.mark.parametrize("formulation", ["separate", "grouped"])
 def test_an_interrupted_pack_resumes_from_the_step_every_trial_saved(tmp_path, caplog,
-                                                                      subbatch_alone):
-    cfgs = _configs(tmp_path / "pack", RATES, **SUBBATCH)
+                                                                      subbatch_alone,
+                                                                      formulation):
+    cfgs = _configs(tmp_path / "pack", RATES, **SUBBATCH, pack_formulation=formulation)
     with pytest.raises(KeyboardInterrupt):
         train_pack(cfgs, extra_callbacks=[_stop_after_epoch(1)])
     assert {_result(c.output_dir)["status"] for c in cfgs} == {"interrupted"}
@@ -275,7 +291,11 @@ def test_weight_decay_may_differ_within_a_pack(tmp_path):
      "--pack=auto: no two points of this grid differ only in the base learning rate, so "
      "nothing can share a program (points differing in m, BN batch, epochs, norm or seed "
      "never do); sweep --grid_log2_base_lr, or drop --pack"),
-], ids=["zero", "single_run", "nothing_to_pack"])
+    (["--grid_log2_base_lr=-7,-6", "--pack=2", "--norm=layer",
+      "--pack_formulation=grouped"],
+     "--pack_formulation=grouped: --norm=layer is not per channel, so K trials cannot share "
+     "its layers (per-channel: none, batch); use --pack_formulation=separate or auto"),
+], ids=["zero", "single_run", "nothing_to_pack", "grouped_layer_norm"])
 def test_bad_pack_flags_are_one_line_before_anything_runs(tmp_path, flags, message):
     import subprocess
     import sys
@@ -340,3 +360,114 @@ def test_a_packed_sweep_killed_with_9_or_preempted_resumes_to_the_same_table(tmp
         assert _sweep_table(out) == _sweep_table(reference), how.name
         for t in trials:
             assert _history(out / "trials" / t) == _history(reference / "trials" / t)
+
+
+# ---------------------------------------------------------------------- grouped formulation
+GROUPED = dict(SUBBATCH, pack_formulation="grouped")
+# Per-trial weight decay too: lambda differs as much as eta_tilde does.
+DECAYS = [0.0, 1e-3, 3e-2]
+
+
+def _decay_configs(root, **settings):
+    return [dataclasses.replace(c, weight_decay=wd)
+            for c, wd in zip(_configs(root, RATES, **settings), DECAYS)]
+
+
+@pytest.fixture(scope="module")
+def decay_alone(tmp_path_factory):
+    """Three ResNet-8 sub-batch BN trials differing in eta_tilde and lambda, each alone."""
+    root = tmp_path_factory.mktemp("decay_alone")
+    return {pathlib.Path(c.output_dir).name: _alone(c, root)
+            for c in _decay_configs(root / "configs", **SUBBATCH)}
+
+
+def test_grouped_pack_trials_equal_their_runs_alone(tmp_path, decay_alone, caplog):
+    # One fused ResNet-8 (grouped convs, K-way logits) with sub-batch BN, warm-up, both
+    # decay steps, a different eta_tilde and weight decay per trial.
+    cfgs = _decay_configs(tmp_path / "pack", **GROUPED)
+    caplog.set_level(logging.INFO)
+    _check_pack(cfgs, train_pack(cfgs), decay_alone)
+    assert "Pack of 3 trials: grouped formulation" in caplog.text
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(norm="layer"), "--pack_formulation=grouped: --norm=layer is not per channel, so K "
+                         "trials cannot share its layers (per-channel: none, batch); use "
+                         "--pack_formulation=separate or auto"),
+    (dict(norm="group"), "--pack_formulation=grouped: --norm=group is not per channel"),
+    (dict(norm="mix"), "--pack_formulation=grouped: --norm=mix is not per channel"),
+    (dict(model="alexnet_reduced"),
+     "--pack_formulation=grouped: --model=alexnet_reduced has no fused (grouped) network "
+     "(the CIFAR ResNets do); use --pack_formulation=separate or auto"),
+    (dict(strategy="mirrored"),
+     "--pack_formulation=grouped runs on one device (--strategy=default), not "
+     "--strategy=mirrored with 1 replica(s); use --pack_formulation=separate or auto"),
+], ids=["layer", "group", "mix", "alexnet", "mirrored"])
+def test_grouped_formulation_refuses_what_it_cannot_fuse(tmp_path, change, message):
+    a, b = _configs(tmp_path, [-6, -5], **{"model": "resnet8", "pack_formulation": "grouped",
+                                           **change})
+    with pytest.raises(ConfigError) as error:
+        packing.check_pack([a, b])
+    assert str(error.value).startswith(message)
+    with pytest.raises(ConfigError):
+        train_pack([a, b])  # before anything is written
+    assert not pathlib.Path(a.output_dir).exists()
+    # auto falls back to the separate formulation, on any device.
+    auto = dataclasses.replace(a, pack_formulation="auto")
+    assert {packing.formulation(auto, d, 2) for d in ("cpu", "gpu")} == {packing.SEPARATE}
+
+
+def test_auto_formulation_is_grouped_on_accelerators_and_measured_on_cpu(tmp_path):
+    (cfg,) = _configs(tmp_path, [-6], **SUBBATCH)
+    assert cfg.pack_formulation == "auto"
+    assert packing.formulation(cfg, "gpu", 8) == packing.formulation(cfg, "tpu", 8) == \
+        packing.GROUPED
+    small = dataclasses.replace(cfg, batch_size=packing.CPU_GROUPED_MAX_BATCH or 1)
+    big = dataclasses.replace(cfg, batch_size=packing.CPU_GROUPED_MAX_BATCH * 2 or 2)
+    assert packing.formulation(big, "cpu", 8) == packing.SEPARATE
+    assert packing.formulation(small, "cpu", 8) == (
+        packing.GROUPED if packing.CPU_GROUPED_MAX_BATCH else packing.SEPARATE)
+    assert packing.formulation(cfg, "gpu", 1) == packing.SEPARATE  # one trial: nothing to fuse
+    forced = dataclasses.replace(cfg, pack_formulation="separate")
+    assert packing.formulation(forced, "gpu", 8) == packing.SEPARATE
+
+
+def test_a_nan_trial_stays_out_of_the_others_kernel_gradients_with_and_without_xla():
+    # Trial 1's stem holds NaN. TF's own grouped kernel keeps it in group 1 (Keras's
+    # Conv2D(groups=K), XLA-wrapped per conv, did not); so does the isolating gradient a
+    # non-finite step falls back to, compiled with XLA, and it is exact for the others.
+    import keras
+    import tensorflow as tf
+
+    from sbt_keras import models
+    from sbt_keras.layers import trial_conv
+
+    net = models.build("resnet8", norm="none", input_shape=(8, 8, 3), num_classes=10,
+                       trials=3)
+    kernel = net.get_layer("stem").kernel
+    poisoned = kernel.numpy()
+    poisoned[..., 16:32] = np.nan
+    kernel.assign(poisoned)
+    images = tf.random.stateless_normal((4, 8, 8, 3), seed=(1, 2))
+    labels = tf.constant([[1] * 3, [2] * 3, [3] * 3, [4] * 3])
+
+    def gradients():
+        with tf.GradientTape() as tape:
+            logits = net(images, training=True)
+            loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True))
+        return tape.gradient(loss, [net.get_layer("stage2_block1_conv2").kernel])[0]
+
+    def isolated():
+        with trial_conv.isolated_gradients():
+            return gradients()
+
+    tf_own = gradients().numpy()
+    xla_isolated = tf.function(isolated, jit_compile=True)().numpy()
+    assert np.isnan(np.split(tf_own, 3, axis=-1)[1]).all()  # the poisoned trial's own
+    for grad in (tf_own, xla_isolated):
+        slices = np.split(grad, 3, axis=-1)
+        assert np.isfinite(slices[0]).all() and np.isfinite(slices[2]).all()
+    for k in (0, 2):  # and the others' are their exact gradients
+        np.testing.assert_allclose(np.split(xla_isolated, 3, axis=-1)[k],
+                                   np.split(tf_own, 3, axis=-1)[k], rtol=1e-4, atol=1e-6)

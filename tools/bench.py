@@ -120,12 +120,14 @@ def interleaved(blocks, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _network(name, norm, m, bn_batch_size, shape):
+def _network(name, norm, m, bn_batch_size, shape, trials=1):
+    """The timed network; `trials` > 1: the fused network of that many packed trials."""
     keras.utils.set_random_seed(0)
     options = {"gn_groups": models.spec(name).gn_groups}
     if norms.uses_batch_statistics(norm):
         options["bn_batch_size"] = bn_batch_size or m
-    return models.build(name, input_shape=shape, num_classes=10, norm=norm, **options)
+    return models.build(name, input_shape=shape, num_classes=10, norm=norm, trials=trials,
+                        **options)
 
 
 def progress_blocks(model, m, shape, steps):

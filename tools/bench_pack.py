@@ -7,7 +7,11 @@ For every m, on whatever device is present, a column of K trials that differ onl
 eta_tilde (ResNet-20 + BN by default), trained three ways:
   one at a time  the sbt train step of one trial (SummedGradientModel.fit, run defaults);
                  K trials take K times its step time
-  packed         the K trials as one program (training/packed_model.py, `--pack=K`)
+  packed         the K trials as one program of K sub-graphs (training/packed_model.py,
+                 `--pack=K --pack_formulation=separate`)
+  grouped        the K trials as one fused network: grouped convs, K-way logits
+                 (training/grouped.py, `--pack_formulation=grouped`; CIFAR ResNets with
+                 --norm=none|batch, else left out)
   workers        W processes each training one trial at the same time on the same device
                  (what `--sweep_workers=W` does); their step rates add up
 Each is converted to trials per hour of a reference trial (`--trial_epochs` epochs of
@@ -16,9 +20,9 @@ the packed step is also put against the arithmetic limit (K x the training FLOPs
 at the measured matmul peak) and against K single steps, which shows where the time goes
 when packing gains less than K: arithmetic (the limit column near 100%) or overhead.
 
-One at a time and packed are timed interleaved in one process (median of --repeats blocks
-after a warm-up block); the workers run after them, in their own processes, all started
-together once each has built and warmed up its model.
+One at a time, packed and grouped are timed interleaved in one process (median of
+--repeats blocks after a warm-up block); the workers run after them, in their own
+processes, all started together once each has built and warmed up its model.
 """
 import json
 import os
@@ -34,6 +38,8 @@ import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from sbt_keras import models, results  # noqa: E402
+from sbt_keras.training import schedules  # noqa: E402
+from sbt_keras.training.grouped import GroupedPackModel  # noqa: E402
 from sbt_keras.training.packed_model import PackedModel  # noqa: E402
 from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer  # noqa: E402
 from tools import bench, machine  # noqa: E402
@@ -83,6 +89,20 @@ def packed_block(name, norm, m, k, steps, jit, shape=SHAPE):
     members = [_member(name, norm, m, -12 + i, shape)[1] for i in range(k)]
     packed = PackedModel(members)
     packed.compile(steps_per_execution=steps, jit_compile=jit)
+    return bench._fit_block(packed, m, shape, steps)
+
+
+def grouped_block(name, norm, m, k, steps, jit, shape=SHAPE):
+    """The same K trials as `packed_block`, as one fused network (the grouped formulation),
+    or None where the model or norm has none."""
+    if norm not in models.spec(name).fused_norms:
+        return None
+    members = [_member(name, norm, m, -12 + i, shape)[1] for i in range(k)]
+    fused = bench._network(name, norm, m, 0, shape, trials=k)
+    packed = GroupedPackModel(fused, members, [schedules.WarmupStepDecay(2.0 ** (-12 + i))
+                                               for i in range(k)])
+    packed.compile(steps_per_execution=steps, jit_compile=jit)
+    packed.assemble()
     return bench._fit_block(packed, m, shape, steps)
 
 
@@ -209,6 +229,9 @@ def run(name="resnet20", norm="batch", batch_sizes=(2, 8, 32), k=8, workers=2, s
         single, net = single_block(name, norm, m, steps, jit, shape)
         blocks = {"single": single, "packed": packed_block(name, norm, m, k, steps, jit,
                                                            shape)}
+        grouped = grouped_block(name, norm, m, k, steps, jit, shape)
+        if grouped:
+            blocks["grouped"] = grouped
         seconds = bench.interleaved(blocks, repeats)
         t1, tk = seconds["single"], seconds["packed"]
         flops = bench.training_flops_per_example(net) * m  # one trial's step
@@ -219,6 +242,11 @@ def run(name="resnet20", norm="batch", batch_sizes=(2, 8, 32), k=8, workers=2, s
                "packed_speedup": k * t1 / tk,
                "single_limit_fraction": flops / peak / t1,
                "packed_limit_fraction": k * flops / peak / tk}
+        if grouped:
+            tg = seconds["grouped"]
+            row.update(grouped_ms=tg * 1e3,
+                       grouped_trials_per_hour=trials_per_hour(tg, m, k, **per_trial),
+                       grouped_speedup=k * t1 / tg, grouped_limit_fraction=k * flops / peak / tg)
         if workers:
             each = workers_seconds(name, norm, m, workers, steps, repeats, jit,
                                    args=worker_args)
@@ -239,14 +267,18 @@ COLUMNS = [("model", "model", "{}"), ("norm", "norm", "{}"), ("m", "m", "{}"),
            ("k", "K", "{}"),
            ("single_ms", "one trial ms/step", "{:.1f}"),
            ("packed_ms", "pack of K ms/step", "{:.1f}"),
+           ("grouped_ms", "grouped pack ms/step", "{:.1f}"),
            ("worker_ms", "each worker ms/step", "{:.1f}"),
            ("single_trials_per_hour", "trials/h one at a time", "{:.3g}"),
            ("packed_trials_per_hour", "trials/h packed", "{:.3g}"),
+           ("grouped_trials_per_hour", "trials/h grouped", "{:.3g}"),
            ("workers_trials_per_hour", "trials/h workers", "{:.3g}"),
            ("packed_speedup", "packed × one at a time", "{:.2f}"),
+           ("grouped_speedup", "grouped × one at a time", "{:.2f}"),
            ("workers_speedup", "workers × one at a time", "{:.2f}"),
            ("single_limit_fraction", "one trial % of limit", "{:.0%}"),
-           ("packed_limit_fraction", "pack % of limit", "{:.0%}")]
+           ("packed_limit_fraction", "pack % of limit", "{:.0%}"),
+           ("grouped_limit_fraction", "grouped % of limit", "{:.0%}")]
 
 
 def _format_row(row):
@@ -259,9 +291,9 @@ def markdown(rows, device):
     workers = next((r["workers"] for r in rows if "workers" in r), 0)
     lines = [machine.line(device, device["matmul_peak_gflops"]),
              f"TF {device['tensorflow']}, Keras {device['keras']}; median of "
-             f"{device['repeats']} blocks of {device['steps']} steps, one at a time and "
-             f"packed interleaved; workers = {workers} processes at once; trials/h of a "
-             f"{device['trial_epochs']}-epoch trial over {device['trial_examples']} "
+             f"{device['repeats']} blocks of {device['steps']} steps, one at a time, "
+             f"packed and grouped interleaved; workers = {workers} processes at once; "
+             f"trials/h of a {device['trial_epochs']}-epoch trial over {device['trial_examples']} "
              f"examples; jit_compile={device['jit_compile']}; TF threads inter-op "
              f"{device.get('inter_op_threads') or 'default'}, intra-op "
              f"{device.get('intra_op_threads') or 'default'}.", "",

@@ -28,6 +28,9 @@ class ModelSpec:
     # Bumped when the same name starts computing something else; a run directory trained
     # with another revision is not resumed (docs/changes.md says what changed).
     revision: int = 1
+    # Norms with which the builder can build K packed trials as one fused network
+    # (`trials=K`, --pack_formulation=grouped); () when it cannot.
+    fused_norms: tuple = ()
 
     @property
     def norm_dense_layers(self):
@@ -46,7 +49,7 @@ class ModelSpec:
 
 def _cifar_resnet(builder):
     return ModelSpec(builder, 1e-4, 32, resnet_cifar.NORM_CHANNELS, resnet_cifar.NORM_STRIDE,
-                     revision=2)
+                     revision=2, fused_norms=resnet_cifar.PER_CHANNEL_NORMS)
 
 
 MODELS = {
@@ -79,19 +82,22 @@ def builder(name):
 
 
 def build(name, *, norm="batch", norm_dense=True, input_shape=None, num_classes=None,
-          **norm_options):
+          trials=1, **norm_options):
     """Builds the model registered as `name` as a functional Keras model outputting logits.
 
     `input_shape` and `num_classes` default to the architecture's own (32x32x3 and 10 for
     the CIFAR models, 224x224x3 and 1000 for ResNet-50). `norm_options` are normalization
     settings under their Config names (bn_batch_size, bn_momentum, bn_epsilon, bn_sync,
-    ...); each normalization uses the ones it needs.
+    ...); each normalization uses the ones it needs. `trials` > 1: the fused network of
+    that many packed trials (only for a model and norm in its `fused_norms`).
     """
     side = spec(name).image_size
     sizes = {"input_shape": input_shape or (side, side, 3)}
     if num_classes is not None:
         sizes["num_classes"] = num_classes
     options = {_NORM_OPTION_NAMES.get(k, k): v for k, v in norm_options.items()}
+    if trials > 1:
+        sizes["trials"] = trials
     return builder(name)(norm=norm, norm_dense=norm_dense, norm_options=options, **sizes)
 
 

@@ -37,6 +37,7 @@ from sbt_keras.config import hparams_of
 from sbt_keras.errors import ConfigError, OutOfMemory, Preempted, first_line
 from sbt_keras.train import (STOP_STATUS, derived_settings, read_history, write_config,
                              write_running)
+from sbt_keras import models
 from sbt_keras.training import callbacks, norm_records, resume, schedules, snapshot, train_eval
 from sbt_keras.training.builder import build_model
 from sbt_keras.training.packed_model import PackedModel, prefix
@@ -130,7 +131,7 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
                 keras.utils.set_random_seed(trial.cfg.seed)  # the weights `train` starts from
                 trial.network, trial.model = build_model(trial.cfg, info, bn_batch_size,
                                                          trial.schedule)
-            packed = PackedModel([t.model for t in todo])
+            packed = _packed_model(lead, info, bn_batch_size, todo, strategy)
             packed.compile(steps_per_execution=lead.steps_per_execution,
                            jit_compile=lead.jit_compile)
         _check_pack_fits(lead, todo[0].network, len(todo))
@@ -146,6 +147,7 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
             trial.history = read_history(trial.out)
         packed._maybe_symbolic_build()  # the optimizers' state exists before a restore
         start_step = restore_common(todo)
+        packed.assemble()  # the grouped formulation's fused weights from the trials'
         plan = None
         for trial in todo:
             plan = resume.resume_plan(
@@ -205,6 +207,26 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
     return [t.result for t in trials]
 
 
+def _packed_model(lead, info, bn_batch_size, todo, strategy):
+    """The pack's program in the formulation --pack_formulation chooses for this device
+    (packing.formulation): K sub-graphs, or one fused network (training/grouped.py)."""
+    device = "tpu" if lead.strategy == "tpu" else (
+        "gpu" if tf.config.list_logical_devices("GPU") else "cpu")
+    chosen = packing.formulation(lead, device, len(todo), strategy.num_replicas_in_sync)
+    logging.info("Pack of %d trials: %s formulation (--pack_formulation=%s, %s).",
+                 len(todo), chosen, lead.pack_formulation, device)
+    members = [t.model for t in todo]
+    if chosen == packing.SEPARATE:
+        return PackedModel(members)
+    from sbt_keras.training.grouped import GroupedPackModel
+
+    fused = models.build(lead.model, input_shape=info.image_shape,
+                         num_classes=info.num_classes, norm=lead.norm,
+                         norm_dense=lead.norm_dense, trials=len(todo),
+                         **lead.norm_options(bn_batch_size))
+    return GroupedPackModel(fused, members, [t.schedule for t in todo])
+
+
 class PackCallbacks(keras.callbacks.Callback):
     """Hands every trial of a pack its own callbacks' hooks with its own logs, as an
     unpacked run's `fit` would; finishes a trial that diverged."""
@@ -262,6 +284,8 @@ class PackCallbacks(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         live = self._live()
+        # The block's weights into every live trial's own network before its records.
+        self.model.publish([t.index for t in live])
         try:
             self._each(live, "on_train_batch_end", batch, logs=logs)
         finally:

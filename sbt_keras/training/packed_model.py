@@ -19,7 +19,7 @@ grouped convolutions, `feature_group_count`) was found far slower under XLA's CP
 convolution (issue 16: 0.34 s/step at K = 4, m = 2 vs 9 ms unpacked), while K sub-graphs
 let the executor run the members' ops side by side and pay the per-step overhead once;
 `make bench` measures it against one trial at a time (docs/bench_cpu.md). The grouped
-formulation for GPUs/TPUs is not implemented.
+formulation (one fused network) is training/grouped.py; `--pack_formulation` chooses.
 
 Freezing: `freeze(k)` drops member k from the step and from evaluation (the train and
 test functions are retraced once, at a block boundary), so a diverged trial stops costing
@@ -110,6 +110,15 @@ class PackedModel(SummedGradientModel):
         self.train_function = None
         self.test_function = None
         self.make_train_function()
+
+    def assemble(self):
+        """Nothing to do: the members' networks are the trained weights (the grouped
+        formulation, training/grouped.py, fills its fused network from them here)."""
+
+    def publish(self, indices):
+        """Nothing to do: the members' networks are the trained weights (the grouped
+        formulation copies its fused slices into them here)."""
+        del indices
 
     @property
     def step(self):
