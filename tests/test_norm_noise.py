@@ -223,3 +223,10 @@ def test_command_line_refuses_bad_sizes_before_tensorflow(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --sizes=1:6: a range LOW:HIGH needs powers of two with LOW <= HIGH, e.g. 1:256"]
+
+
+def test_group_norm_without_gn_groups_takes_the_models_default(tmp_path):
+    # ResNet-8's first stage has 16 channels; its default is one channel per group there.
+    settings = tool.check(_flags(*SYNTHETIC, "--norm=group", "--reference=32", "--sizes=1:8",
+                                f"--out={tmp_path}"))
+    assert settings["gn_groups"] == 16

@@ -26,7 +26,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from sbt_keras import norm_noise, norms, results
+from sbt_keras import models, norm_noise, norms, results
 from sbt_keras.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -94,7 +94,6 @@ def gn_groups(fv, model):
 
 def check(fv=FLAGS):
     """The validated settings as a dict, without TensorFlow; ConfigError on bad input."""
-    from sbt_keras import models
     from sbt_keras.config import Config
     from sbt_keras.training import snapshot
 
@@ -166,8 +165,6 @@ def load_network(settings):
                 f"{settings['run']} at epoch {snap.epoch:g} ({snap.cfg.model}, "
                 f"--norm={snap.cfg.norm})")
     import keras
-
-    from sbt_keras import models
 
     cfg, info = settings["cfg"], settings["info"]
     keras.utils.set_random_seed(settings["seed"])  # as train() does before building
