@@ -266,7 +266,7 @@ class Config:
                 _choose(field.name, getattr(c, field.name), field.metadata["choices"])
         info = self.data_info()  # validates dataset name, cifar_dir contents and caps
         if c.manual_dir and c.dataset != "imagenet2012":
-            raise ConfigError(f"--manual_dir only applies to --dataset=imagenet2012; drop it")
+            raise ConfigError("--manual_dir only applies to --dataset=imagenet2012; drop it")
         if c.dataset == "imagenet2012":
             from sbt_keras.data import imagenet  # imports TensorFlow: only when asked for
             imagenet.check_available(c.data_dir, c.manual_dir)

@@ -66,7 +66,7 @@ def interpolated_seconds(table, m):
 def fit_linear(points):
     """(a, b) of seconds ≈ a + b·m by least squares over {m: seconds}, both kept >= 0."""
     ms, ts = list(points), list(points.values())
-    n, mean_m, mean_t = len(ms), sum(ms) / len(ms), sum(ts) / len(ts)
+    mean_m, mean_t = sum(ms) / len(ms), sum(ts) / len(ts)
     var = sum((m - mean_m) ** 2 for m in ms)
     b = max(sum((m - mean_m) * (t - mean_t) for m, t in zip(ms, ts)) / var, 0.0) if var else 0.0
     a = max(mean_t - b * mean_m, 0.0)

@@ -10,7 +10,6 @@ so the mean-gradient learning rate is eta(k) = batch_size * eta_tilde(k). At ite
 With the paper's settings: start = 1/32, warmup_steps = 5% of all iterations, boundaries at
 50% and 75% of all iterations, decay_factor = 0.1.
 """
-import math
 
 import keras
 from keras import ops
