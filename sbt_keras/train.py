@@ -38,10 +38,9 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
     `cfg.output_dir`, the others write theirs to a scratch directory that is deleted when
     they finish, and all of them resume from the chief's checkpoints.
     """
-    import keras
     import tensorflow as tf
 
-    from sbt_keras import data, distribute
+    from sbt_keras import distribute
     from sbt_keras.training import callbacks, progress, schedules
     from sbt_keras.training.builder import build_model
 
@@ -70,13 +69,8 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
     write_running(out)
 
     with _recording_failures(out, cfg, replicas):
-        # -------------------------------------------------------------- Determinism
-        keras.utils.set_random_seed(cfg.seed)
-        if cfg.deterministic:
-            tf.config.experimental.enable_op_determinism()
-
         # -------------------------------------------------------------- Input pipeline
-        source = data.source(cfg, strategy)
+        source = seeded_source(cfg, strategy)
 
         # -------------------------------------------------------------- Model & optimizer
         with strategy.scope():
@@ -152,6 +146,20 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
     logging.info("%s: %s, test accuracy (median of final %d) %.4f", out, result["status"],
                  cfg.median_of, result["test_accuracy"])
     return result
+
+
+def seeded_source(cfg, strategy):
+    """Seeds every generator from --seed (and makes ops deterministic with
+    --deterministic), then opens the data source: the start every run and pack shares."""
+    import keras
+    import tensorflow as tf
+
+    from sbt_keras import data
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    return data.source(cfg, strategy)
 
 
 def _epoch_recorder(cfg, schedule, history, network, noise, hparams):

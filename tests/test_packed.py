@@ -81,6 +81,11 @@ def subbatch_alone(tmp_path_factory):
             for c in _configs(root / "configs", RATES, **SUBBATCH)}
 
 
+def _formulation(run_dir):
+    return yaml.safe_load((pathlib.Path(run_dir) / "config.yaml").read_text())["derived"][
+        "pack_formulation"]
+
+
 def _check_pack(cfgs, out, alone):
     assert [r["status"] for r in out] == ["completed"] * 3
     for cfg in cfgs:
@@ -94,6 +99,7 @@ def test_packed_resnet8_subbatch_bn_trials_equal_their_runs_alone(tmp_path, subb
     # The separate formulation (auto would fuse these m = 4 trials on a CPU).
     cfgs = _configs(tmp_path / "pack", RATES, **SUBBATCH, pack_formulation="separate")
     _check_pack(cfgs, train_pack(cfgs), subbatch_alone)
+    assert {_formulation(c.output_dir) for c in cfgs} == {"separate"}
 
 
 @pytest.mark.slow
@@ -388,6 +394,7 @@ def test_grouped_pack_trials_equal_their_runs_alone(tmp_path, decay_alone, caplo
     caplog.set_level(logging.INFO)
     _check_pack(cfgs, train_pack(cfgs), decay_alone)
     assert "Pack of 3 trials: grouped formulation" in caplog.text
+    assert {_formulation(c.output_dir) for c in cfgs} == {"grouped"}
 
 
 @pytest.mark.parametrize("change, message", [

@@ -32,11 +32,11 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from sbt_keras import data, distribute, memory, packing, results
+from sbt_keras import distribute, memory, packing, results
 from sbt_keras.config import hparams_of
 from sbt_keras.errors import ConfigError, OutOfMemory, Preempted, first_line
-from sbt_keras.train import (STOP_STATUS, derived_settings, read_history, write_config,
-                             write_running)
+from sbt_keras.train import (STOP_STATUS, derived_settings, read_history, seeded_source,
+                             write_config, write_running)
 from sbt_keras import models
 from sbt_keras.training import callbacks, norm_records, resume, schedules, snapshot, train_eval
 from sbt_keras.training.builder import build_model
@@ -111,19 +111,18 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
     bn_batch_size = lead.check_replicas(replicas)
     steps_per_epoch = info.num_train // lead.batch_size
     names = [t.name for t in trials]
+    formulation = _formulation(lead, len(todo), replicas)
     for trial in todo:
         resume.check_bn_batch(trial.stored, bn_batch_size, replicas, trial.out)
         trial.schedule = schedules.from_config(trial.cfg, steps_per_epoch)
         derived = derived_settings(trial.cfg, info, replicas, bn_batch_size, trial.schedule)
         derived["pack"] = names  # trained in one program with these trials
+        derived["pack_formulation"] = formulation
         write_config(trial.cfg, derived)
         write_running(trial.out)
 
     with _recording_failures(todo, lead, replicas):
-        keras.utils.set_random_seed(lead.seed)
-        if lead.deterministic:
-            tf.config.experimental.enable_op_determinism()
-        source = data.source(lead, strategy)
+        source = seeded_source(lead, strategy)
 
         # ------------------------------------------------------------ Models
         with strategy.scope():
@@ -131,7 +130,7 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
                 keras.utils.set_random_seed(trial.cfg.seed)  # the weights `train` starts from
                 trial.network, trial.model = build_model(trial.cfg, info, bn_batch_size,
                                                          trial.schedule)
-            packed = _packed_model(lead, info, bn_batch_size, todo, strategy)
+            packed = _packed_model(formulation, lead, info, bn_batch_size, todo)
             packed.compile(steps_per_execution=lead.steps_per_execution,
                            jit_compile=lead.jit_compile)
         _check_pack_fits(lead, todo[0].network, len(todo))
@@ -207,16 +206,20 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
     return [t.result for t in trials]
 
 
-def _packed_model(lead, info, bn_batch_size, todo, strategy):
-    """The pack's program in the formulation --pack_formulation chooses for this device
-    (packing.formulation): K sub-graphs, or one fused network (training/grouped.py)."""
+def _formulation(lead, trials, replicas):
+    """The formulation --pack_formulation chooses for this device (packing.formulation)."""
     device = "tpu" if lead.strategy == "tpu" else (
         "gpu" if tf.config.list_logical_devices("GPU") else "cpu")
-    chosen = packing.formulation(lead, device, len(todo), strategy.num_replicas_in_sync)
+    chosen = packing.formulation(lead, device, trials, replicas)
     logging.info("Pack of %d trials: %s formulation (--pack_formulation=%s, %s).",
-                 len(todo), chosen, lead.pack_formulation, device)
+                 trials, chosen, lead.pack_formulation, device)
+    return chosen
+
+
+def _packed_model(formulation, lead, info, bn_batch_size, todo):
+    """The pack's program: K sub-graphs, or one fused network (training/grouped.py)."""
     members = [t.model for t in todo]
-    if chosen == packing.SEPARATE:
+    if formulation == packing.SEPARATE:
         return PackedModel(members)
     from sbt_keras.training.grouped import GroupedPackModel
 
