@@ -28,6 +28,7 @@ from absl import app, flags  # noqa: E402
 
 from sbt_keras import cost, grid as grid_lib, packing, results  # noqa: E402
 from sbt_keras import flags as run_flags  # noqa: E402
+from sbt_keras.config import Config  # noqa: E402
 
 FLAGS = flags.FLAGS
 FIGURES = "experiments/figures"
@@ -107,7 +108,9 @@ def markdown(rows, meta):
              f"Step times measured {meta['date']} (load average {meta['load']}): median of "
              f"{meta['repeats']} blocks of {meta['steps']} steps at m = "
              f"{', '.join(map(str, meta['batch_sizes']))}, one trial and a pack of "
-             f"K = {meta['pack']} interleaved; other m linear in m (a + b·m).", "",
+             f"K = {meta['pack']} interleaved, the pack in the formulation "
+             f"--pack_formulation=auto picks per model and m; other m linear in m "
+             f"(a + b·m).", "",
              "| Fig. | trials | model:norm | CPU-hours one at a time | CPU-hours packed "
              f"(K = {meta['pack']}) |", "|---|---|---|---|---|"]
     for name, count, pairs, single, packed in rows:
@@ -117,22 +120,33 @@ def markdown(rows, meta):
 
 # ---------------------------------------------------------------------- measuring
 def measure(pairs, batch_sizes, k, steps, repeats):
-    """{"model:norm": {"single": {m: ms}, "packed": {m: ms}}}, one trial and a pack of K
-    interleaved per (pair, m)."""
+    """{"model:norm": {"single": {m: ms}, "packed": {m: ms}, "formulation": {m: name}}},
+    one trial and a pack of K interleaved per (pair, m); the pack in the formulation
+    `--pack_formulation=auto` would pick on this device (packing.formulation)."""
+    import tensorflow as tf
+
+    from sbt_keras import packing
     from tools import bench, bench_pack
 
+    device = "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
     times = {}
     for model, norm in pairs:
-        entry = times.setdefault(f"{model}:{norm}", {"single": {}, "packed": {}})
+        entry = times.setdefault(f"{model}:{norm}",
+                                 {"single": {}, "packed": {}, "formulation": {}})
         for m in batch_sizes:
+            chosen = packing.formulation(Config(model=model, norm=norm, batch_size=m),
+                                         device, k)
+            pack = (bench_pack.grouped_block if chosen == packing.GROUPED
+                    else bench_pack.packed_block)
             blocks = {"single": bench_pack.single_block(model, norm, m, steps, False)[0],
-                      "packed": bench_pack.packed_block(model, norm, m, k, steps, False)}
+                      "packed": pack(model, norm, m, k, steps, False)}
             seconds = bench.interleaved(blocks, repeats)
             for kind in blocks:
                 entry[kind][m] = seconds[kind] * 1e3
+            entry["formulation"][m] = chosen
             print(f"{model}:{norm} m={m} one {seconds['single'] * 1e3:.1f} ms/step, pack of "
-                  f"{k} {seconds['packed'] * 1e3:.1f} ms/step  load {os.getloadavg()[0]:.1f}",
-                  flush=True)
+                  f"{k} ({chosen}) {seconds['packed'] * 1e3:.1f} ms/step  "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
     return times
 
 
