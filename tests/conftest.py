@@ -91,3 +91,16 @@ def pytest_sessionfinish(session):
     tmp = FAULT_LOG.with_suffix(".tmp")
     tmp.write_text(json.dumps(log, indent=1, sort_keys=True))
     tmp.replace(FAULT_LOG)
+
+
+# ---------------------------------------------------------------------- SIGTERM hygiene
+@pytest.fixture(autouse=True)
+def _no_sigterm_left_over():
+    """Fails the test that leaves an in-process SIGTERM un-acted on: the next in-process
+    run would otherwise stop as `preempted` and be blamed for it."""
+    from sbt_keras import termination
+
+    yield
+    if termination.received():
+        termination.acted_on()
+        pytest.fail("this test left a SIGTERM that nothing acted on (termination.received())")

@@ -110,6 +110,7 @@ def test_one_sigterm_owner_and_one_save_at_the_agreed_step(tmp_path):
     import numpy as np
     import tensorflow as tf
 
+    from sbt_keras import termination
     from sbt_keras.errors import Preempted
     from sbt_keras.training import callbacks
     from sbt_keras.training.preemption import agreed_stop
@@ -128,14 +129,18 @@ def test_one_sigterm_owner_and_one_save_at_the_agreed_step(tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(1.5)  # the handler looks at our flag once a second
 
-    with callbacks.Preemption() as preemption:
-        checkpointer = callbacks.Checkpointer(manager, divergence, None, steps_per_epoch=8)
-        with agreed_stop(types.SimpleNamespace(cluster_resolver=None), preemption,
-                         checkpointer, steps_per_epoch=8) as stop:
-            with pytest.raises(Preempted, match="preempted at step 8, checkpoint saved"):
+    # pytest.raises outside Preemption: the Preempted passes through its exit, as in a
+    # run, which marks the SIGTERM acted on (else it would stop the next run in-process).
+    with pytest.raises(Preempted, match="preempted at step 8, checkpoint saved"):
+        with callbacks.Preemption() as preemption:
+            checkpointer = callbacks.Checkpointer(manager, divergence, None,
+                                                  steps_per_epoch=8)
+            with agreed_stop(types.SimpleNamespace(cluster_resolver=None), preemption,
+                             checkpointer, steps_per_epoch=8) as stop:
                 model.fit(np.zeros((16, 2)), np.zeros((16, 1)), batch_size=2, epochs=2,
                           verbose=0, callbacks=[divergence, _SigtermAtStep6(), checkpointer,
                                                 stop])
+    assert not termination.received()
     # Flag seen at step 6's check: the agreed step is the next block's end, the epoch's
     # (step 8), asked after the epoch-end save, which the agreed save does not repeat.
     assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-8"]
