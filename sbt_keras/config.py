@@ -246,7 +246,7 @@ class Config:
         "auto", "With --pack: how K packed trials are computed. 'separate': K sub-graphs in "
         "one step (any model and norm); 'grouped': one fused network with K weight sets, "
         "grouped convolutions (CIFAR ResNets, --norm=none|batch, one device); 'auto': "
-        "grouped on GPU/TPU, on CPU by the measured batch-size crossover "
+        "grouped on GPU/TPU, on CPU by the measured crossover in m and norm "
         "(docs/packing.md).", group="execution", choices=("auto", "separate", "grouped"),
         execution=True)
     tpu_timeout: float = setting(

@@ -123,19 +123,21 @@ def check_formulation(cfg: Config, replicas=1):
         raise ConfigError(reason)
 
 
-# --pack_formulation=auto on a CPU: grouped up to this batch size. Measured with K = 8
-# (docs/bench_cpu.md, 2026-12-01, shared 2-core Xeon, no XLA), grouped vs separate ms/step:
-# ResNet-20 m = 2: 157 vs 284, 4: 169 vs 204, 8: 176 vs 231, 16: 300 vs 301, 32: 569 vs 559;
-# ResNet-8 m = 2: 28 vs 47, 4: 36 vs 47, 8: 64 vs 88, 16: 132 vs 143, 32: 250 vs 239.
-# One grouped kernel shares the per-kernel cost of the K trials' convs, which dominates
-# at small m; by m = 32 TF's CPU grouped conv is no faster than K plain ones.
-CPU_GROUPED_MAX_BATCH = 16
+# --pack_formulation=auto on a CPU: grouped up to this batch size, per norm (absent: never).
+# Measured with K = 8, no XLA, on the shared 2-core Xeon (docs/bench_cpu.md, 2026-12-01).
+# --norm=batch, busy machine, grouped vs separate ms/step: ResNet-20 m = 2: 157 vs 284,
+# 4: 169 vs 204, 8: 176 vs 231, 16: 300 vs 301, 32: 569 vs 559; ResNet-8 m = 2: 28 vs 47,
+# 8: 64 vs 88, 16: 132 vs 143, 32: 250 vs 239. One grouped kernel shares the per-kernel
+# cost of the K trials' convs, which dominates at small m.
+# --norm=none, quiet machine: grouped lost from m = 2 on (ResNet-20 m = 2: 108 vs 93,
+# 4: 183 vs 129, 8: 302 vs 164, 16: 581 vs 276), so auto keeps it separate.
+CPU_GROUPED_MAX_BATCH = {"batch": 16}
 
 
 def formulation(cfg: Config, device, trials, replicas=1):
     """SEPARATE or GROUPED for a pack of `trials` trials of `cfg` on `device` ("cpu",
     "gpu", "tpu"). `auto`: grouped on GPU/TPU (grouped convolutions are native there);
-    on a CPU grouped only up to CPU_GROUPED_MAX_BATCH, the measured crossover; separate
+    on a CPU grouped only up to CPU_GROUPED_MAX_BATCH[norm], the measured crossover; separate
     wherever grouped cannot run (grouped_refusal) and for a single trial."""
     check_formulation(cfg, replicas)
     if trials < 2 or cfg.pack_formulation == SEPARATE:
@@ -144,7 +146,7 @@ def formulation(cfg: Config, device, trials, replicas=1):
         return GROUPED
     if grouped_refusal(cfg, replicas):
         return SEPARATE
-    if device in ("gpu", "tpu") or cfg.batch_size <= CPU_GROUPED_MAX_BATCH:
+    if device in ("gpu", "tpu") or cfg.batch_size <= CPU_GROUPED_MAX_BATCH.get(cfg.norm, 0):
         return GROUPED
     return SEPARATE
 

@@ -429,11 +429,14 @@ def test_auto_formulation_is_grouped_on_accelerators_and_measured_on_cpu(tmp_pat
     assert cfg.pack_formulation == "auto"
     assert packing.formulation(cfg, "gpu", 8) == packing.formulation(cfg, "tpu", 8) == \
         packing.GROUPED
-    small = dataclasses.replace(cfg, batch_size=packing.CPU_GROUPED_MAX_BATCH or 1)
-    big = dataclasses.replace(cfg, batch_size=packing.CPU_GROUPED_MAX_BATCH * 2 or 2)
-    assert packing.formulation(big, "cpu", 8) == packing.SEPARATE
-    assert packing.formulation(small, "cpu", 8) == (
-        packing.GROUPED if packing.CPU_GROUPED_MAX_BATCH else packing.SEPARATE)
+    # On a CPU, as measured (packing.CPU_GROUPED_MAX_BATCH): BN packs fused up to m = 16,
+    # packs without a norm never.
+    for m, norm, expected in [(16, "batch", packing.GROUPED), (32, "batch", packing.SEPARATE),
+                              (2, "none", packing.SEPARATE)]:
+        other = dataclasses.replace(cfg, batch_size=m, norm=norm, bn_batch_size=0)
+        assert packing.formulation(other, "cpu", 8) == expected, (m, norm)
+    assert packing.formulation(dataclasses.replace(cfg, norm="none"), "gpu", 8) == \
+        packing.GROUPED
     assert packing.formulation(cfg, "gpu", 1) == packing.SEPARATE  # one trial: nothing to fuse
     forced = dataclasses.replace(cfg, pack_formulation="separate")
     assert packing.formulation(forced, "gpu", 8) == packing.SEPARATE
