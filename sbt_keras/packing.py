@@ -129,9 +129,11 @@ def check_formulation(cfg: Config, replicas=1):
 # 4: 169 vs 204, 8: 176 vs 231, 16: 300 vs 301, 32: 569 vs 559; ResNet-8 m = 2: 28 vs 47,
 # 8: 64 vs 88, 16: 132 vs 143, 32: 250 vs 239. One grouped kernel shares the per-kernel
 # cost of the K trials' convs, which dominates at small m.
-# --norm=none, quiet machine: grouped lost from m = 2 on (ResNet-20 m = 2: 108 vs 93,
-# 4: 183 vs 129, 8: 302 vs 164, 16: 581 vs 276), so auto keeps it separate.
-CPU_GROUPED_MAX_BATCH = {"batch": 16}
+# --norm=none, quiet machine, no trial diverging (tools/bench_pack.py's FIRST_LOG2_LR),
+# trials/h x one at a time, grouped vs separate: ResNet-20 m = 2: 1.61 vs 1.27, 4: 1.82 vs
+# 1.44, 8: 1.18 vs 1.31, 16: 1.25 vs 1.33; ResNet-8 m = 2: 2.53 vs 1.37, 4: 1.43 vs 1.25,
+# 8: 1.48 vs 1.39, 16: 1.28 vs 1.31.
+CPU_GROUPED_MAX_BATCH = {"batch": 16, "none": 4}
 
 
 def formulation(cfg: Config, device, trials, replicas=1):

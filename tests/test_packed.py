@@ -430,9 +430,9 @@ def test_auto_formulation_is_grouped_on_accelerators_and_measured_on_cpu(tmp_pat
     assert packing.formulation(cfg, "gpu", 8) == packing.formulation(cfg, "tpu", 8) == \
         packing.GROUPED
     # On a CPU, as measured (packing.CPU_GROUPED_MAX_BATCH): BN packs fused up to m = 16,
-    # packs without a norm never.
+    # packs without a norm up to m = 4.
     for m, norm, expected in [(16, "batch", packing.GROUPED), (32, "batch", packing.SEPARATE),
-                              (2, "none", packing.SEPARATE)]:
+                              (4, "none", packing.GROUPED), (8, "none", packing.SEPARATE)]:
         other = dataclasses.replace(cfg, batch_size=m, norm=norm, bn_batch_size=0)
         assert packing.formulation(other, "cpu", 8) == expected, (m, norm)
     assert packing.formulation(dataclasses.replace(cfg, norm="none"), "gpu", 8) == \
