@@ -455,8 +455,14 @@ def main(argv):
     if FLAGS.sharpness_sample:
         text += "\n\n" + sharpness_markdown(sharpness_costs(FLAGS.models,
                                                                FLAGS.sharpness_sample))
-    results.write_text_atomic(os.path.join(FLAGS.out, "bench.md"), text + "\n")
-    results.write_text_atomic(os.path.join(FLAGS.out, "bench.json"),
+    write_report(FLAGS.out, "bench", text, device, rows)
+
+
+def write_report(out, name, text, device, rows):
+    """`out`/NAME.md (the table) and NAME.json (device and rows), atomically; prints the
+    table."""
+    results.write_text_atomic(os.path.join(out, f"{name}.md"), text + "\n")
+    results.write_text_atomic(os.path.join(out, f"{name}.json"),
                               json.dumps({"device": device, "rows": rows}, indent=1))
     print(text)
 

@@ -328,10 +328,7 @@ def main(argv):
     if FLAGS.formulations:
         table = {m: conv_formulations(FLAGS.pack, int(m)) for m in FLAGS.batch_sizes}
         text += "\n\n" + formulations_markdown(FLAGS.pack, table)
-    results.write_text_atomic(os.path.join(FLAGS.out, "bench_pack.md"), text + "\n")
-    results.write_text_atomic(os.path.join(FLAGS.out, "bench_pack.json"),
-                              json.dumps({"device": device, "rows": rows}, indent=1))
-    print(text)
+    bench.write_report(FLAGS.out, "bench_pack", text, device, rows)
 
 
 if __name__ == "__main__":
