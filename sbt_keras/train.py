@@ -121,20 +121,11 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
                                                      steps_per_epoch))] if agreed else []
             # Before the recorder: a measured epoch's row and checkpoint carry the value.
             measures = sharpness_callback.for_run(cfg, network, divergence, alone, strategy)
-            for phase in plan.phases:
-                if divergence.diverged:
-                    break
-                train_ds = source.train_dataset(
-                    batch_size=cfg.batch_size, seed=cfg.seed, epochs=phase.last,
-                    start_epoch=phase.first, start_step=phase.skip, augment=cfg.augment)
-                model.fit(train_ds, epochs=phase.last, initial_epoch=phase.first,
-                          steps_per_epoch=steps_per_epoch - phase.skip,
-                          validation_data=test_ds, validation_steps=eval_steps,
-                          verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
-                          callbacks=[restore_metrics, divergence, *noise, *measures, recorder,
-                                     *run_progress,
-                                     callbacks.EpochLog(cfg.epochs), checkpointer,
-                                     *snapshots, *stops, *extra_callbacks])
+            fit_phases(model, source, cfg, plan, steps_per_epoch, (test_ds, eval_steps),
+                       [restore_metrics, divergence, *noise, *measures, recorder,
+                        *run_progress, callbacks.EpochLog(cfg.epochs), checkpointer,
+                        *snapshots, *stops, *extra_callbacks],
+                       stopped=lambda: divergence.diverged)
         session_steps = int(model.optimizer.iterations.numpy()) - start_step
 
         # -------------------------------------------------------------- Results
@@ -146,6 +137,24 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
     logging.info("%s: %s, test accuracy (median of final %d) %.4f", out, result["status"],
                  cfg.median_of, result["test_accuracy"])
     return result
+
+
+def fit_phases(model, source, cfg, plan, steps_per_epoch, evaluation, callbacks, stopped):
+    """Trains through the resume plan's phases (a partial epoch, then whole ones), each a
+    `fit` on the data stream positioned where the phase starts, until `stopped()`.
+    `evaluation` is (test dataset, its steps)."""
+    test_ds, eval_steps = evaluation
+    for phase in plan.phases:
+        if stopped():
+            break
+        train_ds = source.train_dataset(
+            batch_size=cfg.batch_size, seed=cfg.seed, epochs=phase.last,
+            start_epoch=phase.first, start_step=phase.skip, augment=cfg.augment)
+        model.fit(train_ds, epochs=phase.last, initial_epoch=phase.first,
+                  steps_per_epoch=steps_per_epoch - phase.skip,
+                  validation_data=test_ds, validation_steps=eval_steps,
+                  verbose=0, shuffle=False,  # the pipeline shuffles, reproducibly
+                  callbacks=callbacks)
 
 
 def seeded_source(cfg, strategy):

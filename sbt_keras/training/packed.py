@@ -35,8 +35,8 @@ from absl import logging
 from sbt_keras import distribute, memory, packing, results
 from sbt_keras.config import hparams_of
 from sbt_keras.errors import ConfigError, OutOfMemory, Preempted, first_line
-from sbt_keras.train import (STOP_STATUS, derived_settings, read_history, seeded_source,
-                             write_config, write_running)
+from sbt_keras.train import (STOP_STATUS, derived_settings, fit_phases, read_history,
+                             seeded_source, write_config, write_running)
 from sbt_keras import models
 from sbt_keras.training import callbacks, norm_records, resume, schedules, snapshot, train_eval
 from sbt_keras.training.builder import build_model
@@ -189,17 +189,8 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
             finish = functools.partial(_finish, lead=lead, info=info, start_step=start_step,
                                        started=started, names=names)
             dispatcher = PackCallbacks(todo, test_ds, eval_steps, finish)
-            for phase in plan.phases:
-                if all(t.done for t in todo):
-                    break
-                train_ds = source.train_dataset(
-                    batch_size=lead.batch_size, seed=lead.seed, epochs=phase.last,
-                    start_epoch=phase.first, start_step=phase.skip, augment=lead.augment)
-                packed.fit(train_ds, epochs=phase.last, initial_epoch=phase.first,
-                           steps_per_epoch=steps_per_epoch - phase.skip,
-                           validation_data=test_ds, validation_steps=eval_steps,
-                           verbose=0, shuffle=False,
-                           callbacks=[dispatcher, *extra_callbacks])
+            fit_phases(packed, source, lead, plan, steps_per_epoch, (test_ds, eval_steps),
+                       [dispatcher, *extra_callbacks], stopped=lambda: all(t.done for t in todo))
             for trial in todo:
                 if not trial.done:
                     finish(trial)
