@@ -41,21 +41,21 @@ def test_the_epoch_iterator_reports_its_batch_count():
         f"{owner}.{name} is gone: {WHY}"
 
 
-def test_grid_oracle_has_the_started_points_attribute():
+def _grid_oracle():
     hp = keras_tuner.HyperParameters()
     hp.Choice("batch_size", [2, 4])
-    oracle = keras_tuner.oracles.GridSearchOracle(
+    return keras_tuner.oracles.GridSearchOracle(
         objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
+
+
+def test_grid_oracle_has_the_started_points_attribute():
+    oracle = _grid_oracle()
     for name in upstream.GRID_ORACLE_ATTRIBUTES:
         assert hasattr(oracle, name), f"GridSearchOracle.{name} is gone: {WHY}"
 
 
-
 def test_oracle_has_the_retry_state_requeue_failed_uses():
-    hp = keras_tuner.HyperParameters()
-    hp.Choice("batch_size", [2, 4])
-    oracle = keras_tuner.oracles.GridSearchOracle(
-        objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
+    oracle = _grid_oracle()
     for name in upstream.ORACLE_RETRY_ATTRIBUTES:
         assert hasattr(oracle, name), f"Oracle.{name} is gone: {WHY}"
     assert isinstance(oracle._retry_queue, list)
@@ -67,14 +67,10 @@ def test_oracle_has_the_retry_state_requeue_failed_uses():
 def test_points_started_are_saved_with_the_oracle():
     # parallel_grid.py hands out the points not in _tried_so_far; a resumed sweep relies
     # on keras-tuner saving and restoring that set.
-    hp = keras_tuner.HyperParameters()
-    hp.Choice("batch_size", [2, 4])
-    oracle = keras_tuner.oracles.GridSearchOracle(
-        objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
+    oracle = _grid_oracle()
     oracle._tried_so_far.add(oracle._compute_values_hash({"batch_size": 2}))
     state = oracle.get_state()
-    other = keras_tuner.oracles.GridSearchOracle(
-        objective=keras_tuner.Objective("test_accuracy", "max"), hyperparameters=hp)
+    other = _grid_oracle()
     other.set_state(state)
     assert other._tried_so_far == oracle._tried_so_far, WHY
 
