@@ -17,7 +17,7 @@ column of eta_tilde whole. `--pack=1` is no packing at all: the ordinary sweep.
 How a pack is computed (`--pack_formulation`, `formulation`): `separate`, K sub-graphs in
 one step (training/packed_model.py), works for every model, norm and tested strategy;
 `grouped`, one fused network with K weight sets (training/grouped.py), needs a model with a
-fused builder, a per-channel norm and one device; `auto` picks per device (see
+fused builder and a per-channel norm; `auto` picks per device (see
 `formulation`).
 """
 from sbt_keras import models
@@ -99,7 +99,7 @@ def check_grid(base: Config, valid, pack):
 PER_TRIAL_INSTRUMENTS = ("gns_every_steps", "sharpness", "sharpness_every", "init_from")
 
 
-def grouped_refusal(cfg: Config, replicas=1):
+def grouped_refusal(cfg: Config):
     """Why the grouped formulation cannot run `cfg`'s pack (one line), or None."""
     fused_norms = models.spec(cfg.model).fused_norms
     if not fused_norms:
@@ -109,16 +109,12 @@ def grouped_refusal(cfg: Config, replicas=1):
         return (f"--pack_formulation=grouped: --norm={cfg.norm} is not per channel, so K "
                 f"trials cannot share its layers (per-channel: {', '.join(fused_norms)}); "
                 f"use --pack_formulation=separate or auto")
-    if cfg.strategy != "default" or replicas > 1:
-        return (f"--pack_formulation=grouped runs on one device (--strategy=default), not "
-                f"--strategy={cfg.strategy} with {replicas} replica(s); use "
-                f"--pack_formulation=separate or auto")
     return None
 
 
-def check_formulation(cfg: Config, replicas=1):
+def check_formulation(cfg: Config):
     """ConfigError when --pack_formulation=grouped is asked for and cannot run."""
-    reason = grouped_refusal(cfg, replicas)
+    reason = grouped_refusal(cfg)
     if cfg.pack_formulation == GROUPED and reason:
         raise ConfigError(reason)
 
@@ -136,17 +132,17 @@ def check_formulation(cfg: Config, replicas=1):
 CPU_GROUPED_MAX_BATCH = {"batch": 16, "none": 4}
 
 
-def formulation(cfg: Config, device, trials, replicas=1):
+def formulation(cfg: Config, device, trials):
     """SEPARATE or GROUPED for a pack of `trials` trials of `cfg` on `device` ("cpu",
     "gpu", "tpu"). `auto`: grouped on GPU/TPU (grouped convolutions are native there);
     on a CPU grouped only up to CPU_GROUPED_MAX_BATCH[norm], the measured crossover; separate
     wherever grouped cannot run (grouped_refusal) and for a single trial."""
-    check_formulation(cfg, replicas)
+    check_formulation(cfg)
     if trials < 2 or cfg.pack_formulation == SEPARATE:
         return SEPARATE
     if cfg.pack_formulation == GROUPED:
         return GROUPED
-    if grouped_refusal(cfg, replicas):
+    if grouped_refusal(cfg):
         return SEPARATE
     if device in ("gpu", "tpu") or cfg.batch_size <= CPU_GROUPED_MAX_BATCH.get(cfg.norm, 0):
         return GROUPED

@@ -4,7 +4,7 @@ Each pack below is compared with the same trials run alone by `train`: histories
 column but wall time) and the final weights, loaded back through training/snapshot.py as
 the instruments load them. With --deterministic they agree to the bit; the assertions
 allow float tolerance. K = 3 with warm-up and both decay steps inside the run. The AlexNet
-and MirroredStrategy packs are marked slow (`make test-all`).
+is marked slow (`make test-all`).
 """
 import dataclasses
 import logging
@@ -136,16 +136,27 @@ def test_a_diverging_trial_is_frozen_and_recorded_the_others_go_on(tmp_path, for
     assert out[1]["diverged_at_step"] < out[0]["steps"] == 8
 
 
-@pytest.mark.slow
-def test_a_pack_under_mirrored_strategy_equals_its_trials_alone_there(tmp_path, mirrored):
-    # 2 replicas split the shared batch of 4; BN over each replica's 2 examples.
-    cfgs = _configs(tmp_path / "pack", [-7, -5], model="resnet8", norm="batch")
+@pytest.mark.parametrize("formulation", ["separate", "grouped"])
+def test_a_pack_under_mirrored_strategy_equals_its_trials_alone_there(tmp_path, mirrored,
+                                                                      formulation):
+    # 2 replicas split the shared batch of 4; BN over each replica's 2 examples; a
+    # different weight decay per trial (each replica adds its share before the sum).
+    a, b = _configs(tmp_path / "pack", [-7, -5], model="resnet8", norm="batch",
+                    pack_formulation=formulation)
+    cfgs = [a, dataclasses.replace(b, weight_decay=1e-3)]
     train_pack(cfgs, strategy=mirrored)
+    assert _formulation(cfgs[1].output_dir) == formulation
     solo = dataclasses.replace(cfgs[1], output_dir=str(tmp_path / "alone" / "lr-5"))
     train(solo, strategy=mirrored)
     assert_same_run(cfgs[1].output_dir, solo.output_dir)
     assert yaml.safe_load((pathlib.Path(solo.output_dir) / "config.yaml").read_text())[
         "derived"]["replicas"] == 2
+    # The test can fail: BN over 2 examples per replica, not the batch of 4.
+    (one_device,) = _configs(tmp_path / "one", [-5], model="resnet8", norm="batch",
+                             weight_decay=1e-3)
+    train(one_device)
+    with pytest.raises(AssertionError):
+        assert_same_run(solo.output_dir, one_device.output_dir)
 
 
 def _stop_after_epoch(epoch):
@@ -406,10 +417,7 @@ def test_grouped_pack_trials_equal_their_runs_alone(tmp_path, decay_alone, caplo
     (dict(model="alexnet_reduced"),
      "--pack_formulation=grouped: --model=alexnet_reduced has no fused (grouped) network "
      "(the CIFAR ResNets do); use --pack_formulation=separate or auto"),
-    (dict(strategy="mirrored"),
-     "--pack_formulation=grouped runs on one device (--strategy=default), not "
-     "--strategy=mirrored with 1 replica(s); use --pack_formulation=separate or auto"),
-], ids=["layer", "group", "mix", "alexnet", "mirrored"])
+], ids=["layer", "group", "mix", "alexnet"])
 def test_grouped_formulation_refuses_what_it_cannot_fuse(tmp_path, change, message):
     a, b = _configs(tmp_path, [-6, -5], **{"model": "resnet8", "pack_formulation": "grouped",
                                            **change})

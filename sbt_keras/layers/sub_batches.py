@@ -5,8 +5,26 @@ Shared by every layer that takes batch statistics per sub-batch (subbatch_norm.p
 batch_renorm.py, mixed_norm.py): same grouping, same error for a batch the group size does
 not divide, same unbiased-variance correction, same momentum update.
 """
+import contextlib
+
 import tensorflow as tf
 from keras import ops
+
+_keeping = False
+
+
+@contextlib.contextmanager
+def moving_statistics_kept():
+    """Training passes traced inside leave the moving statistics as they are: a pass that
+    repeats one already made (training/grouped.py's NaN-isolating recomputation) must not
+    update them twice, and under a multi-replica strategy cannot assign them inside the
+    branch of a `tf.cond` (their cross-replica MEAN would be a merge point there)."""
+    global _keeping
+    before, _keeping = _keeping, True
+    try:
+        yield
+    finally:
+        _keeping = before
 
 
 def split_into_groups(x, bn_batch_size, layer_name):
@@ -63,7 +81,10 @@ def pooled_moments(mean, variance, grouped, moving_variance):
 
 def update_moving_statistics(layer, mean, variance):
     """One momentum step of `layer.moving_mean` / `moving_variance` towards the per-channel
-    `mean` and `variance`: m * old + (1 - m) * new, m = `layer.momentum`."""
+    `mean` and `variance`: m * old + (1 - m) * new, m = `layer.momentum`. Nothing inside
+    `moving_statistics_kept()`."""
+    if _keeping:
+        return
     m = layer.momentum
     layer.moving_mean.assign(layer.moving_mean * m + mean * (1.0 - m))
     layer.moving_variance.assign(layer.moving_variance * m + variance * (1.0 - m))

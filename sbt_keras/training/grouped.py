@@ -38,14 +38,19 @@ all finite is recomputed with the isolating kernel gradient (layers/trial_conv.p
 cost of a second forward/backward on those steps only; finite gradients cannot have been
 contaminated (a leaked NaN or Inf stays non-finite).
 
-Supported: the CIFAR ResNets with a per-channel norm (none, batch incl. sub-batch BN), the
-default strategy; `packing.check_formulation` refuses the rest with one line.
+Under a strategy with R replicas each replica differentiates its m/R examples, adds its
+share (m/R) * lambda_k * w_k, and the replicas' gradients are summed elementwise before
+the update, which is applied to every replica's copy in a cross-replica merge: the order
+of operations of SummedGradientModel + Keras SGD under that strategy.
+
+Supported: the CIFAR ResNets with a per-channel norm (none, batch incl. sub-batch BN);
+`packing.check_formulation` refuses the rest with one line.
 """
 import keras
 import tensorflow as tf
 from keras import ops
 
-from sbt_keras.layers import trial_conv
+from sbt_keras.layers import sub_batches, trial_conv
 from sbt_keras.training.packed_model import PackedModel, prefix
 
 
@@ -106,7 +111,9 @@ class GroupedPackModel(PackedModel):
         self._axes = {id(v): axis for v, axis, _ in self._pairs[0]}
         self._decayed = {id(v) for v, _, twin in self._pairs[0] if id(twin) in lead._decayed_ids}
         self._live = tf.Variable([True] * self.trials, trainable=False, name="live")
-        self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        # Every replica counts the same steps: one copy's increment is the step.
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
+                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
@@ -129,37 +136,59 @@ class GroupedPackModel(PackedModel):
 
     def train_step(self, data):
         images, labels = data
+        context = tf.distribute.get_replica_context()
         state = self.network.non_trainable_variables
         saved = [tf.identity(v) for v in state]
         logits, per_example, grads = self._gradients(images, labels)
 
         def isolated():
-            # The same forward pass again (the norms' moving statistics put back first),
-            # with the grouped convs' NaN-isolating kernel gradient (layers/trial_conv.py).
-            for variable, old in zip(state, saved):
-                variable.assign(old)
-            with trial_conv.isolated_gradients():
+            # The same forward pass again, with the grouped convs' NaN-isolating kernel
+            # gradient (layers/trial_conv.py); the first pass already updated the norms'
+            # moving statistics, to the same values.
+            with trial_conv.isolated_gradients(), sub_batches.moving_statistics_kept():
                 return self._gradients(images, labels)[2]
 
         # A sum is non-finite iff some term is (or it overflowed: a harmless false alarm).
+        # Each replica decides for its own gradients; no collective runs inside the branch.
         finite = tf.math.is_finite(tf.add_n([tf.reduce_sum(g) for g in grads]))
         grads = tf.cond(finite, lambda: [tf.identity(g) for g in grads], isolated)
         variables = self.network.trainable_variables
-        rates = tf.stack([ops.cast(s(self._step), "float32") for s in self.schedules])
-        # m * lambda_k as SummedGradientModel computes it: float32 batch size times lambda.
+        # This replica's share of m * lambda_k, as SummedGradientModel adds it: its float32
+        # batch size (m / R) times lambda_k, before the replicas' gradients are summed.
         decay = ops.cast(ops.shape(images)[0], "float32") * tf.constant(
             self.weight_decays, tf.float32)
-        for grad, variable in zip(grads, variables):
-            value = variable.value
-            if id(variable) in self._decayed and any(self.weight_decays):
-                grad = grad + self._spread(decay, variable) * ops.cast(value, grad.dtype)
-            rate = ops.cast(self._spread(rates, variable), variable.dtype)
-            new = value - ops.cast(grad, variable.dtype) * rate
-            variable.assign(tf.where(self._spread(self._live, variable), new, value))
+        grads = [grad + self._spread(decay, variable) * ops.cast(variable.value, grad.dtype)
+                 if id(variable) in self._decayed and any(self.weight_decays) else grad
+                 for grad, variable in zip(grads, variables)]
+        if context.num_replicas_in_sync > 1:
+            # What Keras's optimizer does for the members: sum the replicas' gradients
+            # elementwise (a trial's slice only ever meets its own slices).
+            grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        rates = tf.stack([ops.cast(s(self._step), "float32") for s in self.schedules])
+        self._update(grads, variables, rates)
         for variable, old in zip(state, saved):  # frozen trials' moving statistics stay
             variable.assign(tf.where(self._spread(self._live, variable), variable.value, old))
         self._step.assign_add(1)
         return self._track(per_example, labels, logits)
+
+    def _update(self, grads, variables, rates):
+        """w_k <- w_k - eta_tilde_k * g_k on live slices, on every replica's copy of w
+        (in a cross-replica merge, as Keras's optimizer applies its updates)."""
+        def slice_update(component, grad, rates, live, axis):
+            value = tf.convert_to_tensor(component)
+            rate = ops.cast(per_element(rates, axis, value.shape, self.trials), value.dtype)
+            new = value - ops.cast(grad, value.dtype) * rate
+            mask = per_element(live, axis, value.shape, self.trials)
+            return component.assign(tf.where(mask, new, value))
+
+        def merged(strategy, grads, rates, live):
+            for grad, variable in zip(grads, variables):
+                strategy.extended.update(variable.value, slice_update,
+                                         args=(grad, rates, live, self._axes[id(variable)]),
+                                         group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            merged, tf.distribute.get_strategy(), grads, rates, tf.identity(self._live))
 
     def test_step(self, data):
         images, labels, weights = keras.utils.unpack_x_y_sample_weight(data)

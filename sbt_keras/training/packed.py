@@ -111,7 +111,7 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
     bn_batch_size = lead.check_replicas(replicas)
     steps_per_epoch = info.num_train // lead.batch_size
     names = [t.name for t in trials]
-    formulation = _formulation(lead, len(todo), replicas)
+    formulation = _formulation(lead, len(todo))
     for trial in todo:
         resume.check_bn_batch(trial.stored, bn_batch_size, replicas, trial.out)
         trial.schedule = schedules.from_config(trial.cfg, steps_per_epoch)
@@ -197,11 +197,11 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
     return [t.result for t in trials]
 
 
-def _formulation(lead, trials, replicas):
+def _formulation(lead, trials):
     """The formulation --pack_formulation chooses for this device (packing.formulation)."""
     device = "tpu" if lead.strategy == "tpu" else (
         "gpu" if tf.config.list_logical_devices("GPU") else "cpu")
-    chosen = packing.formulation(lead, device, trials, replicas)
+    chosen = packing.formulation(lead, device, trials)
     logging.info("Pack of %d trials: %s formulation (--pack_formulation=%s, %s).",
                  trials, chosen, lead.pack_formulation, device)
     return chosen
