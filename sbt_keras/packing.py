@@ -104,7 +104,8 @@ def grouped_refusal(cfg: Config):
     fused_norms = models.spec(cfg.model).fused_norms
     if not fused_norms:
         return (f"--pack_formulation=grouped: --model={cfg.model} has no fused (grouped) "
-                f"network (the CIFAR ResNets do); use --pack_formulation=separate or auto")
+                f"network (the CIFAR ResNets and alexnet_reduced do); use "
+                f"--pack_formulation=separate or auto")
     if cfg.norm not in fused_norms:
         return (f"--pack_formulation=grouped: --norm={cfg.norm} is not per channel, so K "
                 f"trials cannot share its layers (per-channel: {', '.join(fused_norms)}); "
@@ -130,12 +131,15 @@ def check_formulation(cfg: Config):
 # 1.44, 8: 1.18 vs 1.31, 16: 1.25 vs 1.33; ResNet-8 m = 2: 2.53 vs 1.37, 4: 1.43 vs 1.25,
 # 8: 1.48 vs 1.39, 16: 1.28 vs 1.31.
 CPU_GROUPED_MAX_BATCH = {"batch": 16, "none": 4}
+# The models those crossovers were measured with; on a CPU the others run separate.
+CPU_MEASURED_MODELS = ("resnet8", "resnet20", "resnet32")
 
 
 def formulation(cfg: Config, device, trials):
     """SEPARATE or GROUPED for a pack of `trials` trials of `cfg` on `device` ("cpu",
     "gpu", "tpu"). `auto`: grouped on GPU/TPU (grouped convolutions are native there);
-    on a CPU grouped only up to CPU_GROUPED_MAX_BATCH[norm], the measured crossover; separate
+    on a CPU grouped only up to CPU_GROUPED_MAX_BATCH[norm], the crossover measured with
+    the CIFAR ResNets (CPU_MEASURED_MODELS); separate
     wherever grouped cannot run (grouped_refusal) and for a single trial."""
     check_formulation(cfg)
     if trials < 2 or cfg.pack_formulation == SEPARATE:
@@ -144,7 +148,10 @@ def formulation(cfg: Config, device, trials):
         return GROUPED
     if grouped_refusal(cfg):
         return SEPARATE
-    if device in ("gpu", "tpu") or cfg.batch_size <= CPU_GROUPED_MAX_BATCH.get(cfg.norm, 0):
+    if device in ("gpu", "tpu"):
+        return GROUPED
+    if (cfg.model in CPU_MEASURED_MODELS
+            and cfg.batch_size <= CPU_GROUPED_MAX_BATCH.get(cfg.norm, 0)):
         return GROUPED
     return SEPARATE
 

@@ -54,7 +54,8 @@ def _cifar_resnet(builder):
 
 MODELS = {
     "alexnet_reduced": ModelSpec(alexnet.build, 5e-4, 32, alexnet.NORM_CHANNELS,
-                                 alexnet.NORM_STRIDE, dense_norm_channels=alexnet.HIDDEN_UNITS),
+                                 alexnet.NORM_STRIDE, dense_norm_channels=alexnet.HIDDEN_UNITS,
+                                 fused_norms=alexnet.PER_CHANNEL_NORMS),
     "resnet8": _cifar_resnet(resnet_cifar.resnet8),
     "resnet20": _cifar_resnet(resnet_cifar.resnet20),
     "resnet32": _cifar_resnet(resnet_cifar.resnet32),
