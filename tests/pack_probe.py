@@ -5,8 +5,9 @@
 Trains the trials lr<RATE> under ROOT (one per rate, the other settings from the JSON
 object) as one pack, as a sweep's pack would be trained; every worker of a cluster runs the
 same command with its own TF_CONFIG. A script rather than the command line: packs come only
-from a sweep, and each worker of a multi_worker sweep would run its own keras-tuner oracle
-(see tests/test_packed_multi_worker.py). Exits 143 when preempted, as `sbt_keras.run` does.
+from a sweep, whose keras-tuner state (one oracle per worker under multi_worker,
+docs/scale_out.md) is not what the tests check. Exits 143 when preempted, as
+`sbt_keras.run` does.
 """
 import dataclasses
 import json
