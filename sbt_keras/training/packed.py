@@ -21,12 +21,12 @@ packed trial like any other) -- and returns their results in order.
   another pack: the checkpoints are those of an unpacked run.
 - SIGTERM: every trial saves its checkpoint at the next step boundary, then the pack stops
   with `preempted` in each open trial's result.yaml (exit 143), like an unpacked run.
-- Multi-worker (--strategy=multi_worker), as an unpacked run (train.py): every worker
-  calls `train_pack` with the same trials; the chief keeps the trials' records, the others
-  write theirs to scratch copies (distribute.scratch_dir) deleted when they finish; all
-  resume from the chief's checkpoints, which only the chief forgets; a SIGTERM to any
-  worker stops every worker at one agreed step (training/preemption.py), where every open
-  trial saves.
+- Multi-worker (--strategy=multi_worker), as an unpacked run (train.py): every worker calls
+  `train_pack` with the same trials; the chief keeps the trials' records, the others write
+  theirs to scratch copies (distribute.scratch_dir) deleted when they finish; all resume
+  from the chief's checkpoints, which only the chief forgets, and check that they all
+  restored the same step before training; a SIGTERM to any worker stops every worker at one
+  agreed step (training/preemption.py), where every open trial saves.
 """
 import contextlib
 import dataclasses
@@ -160,6 +160,8 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
             trial.history = read_history(trial.out)
         packed._maybe_symbolic_build()  # the optimizers' state exists before a restore
         start_step = restore_common(todo, forget=chief)
+        if lead.strategy == "multi_worker":
+            _check_same_step(strategy, start_step)
         packed.assemble()  # the grouped formulation's fused weights from the trials'
         plan = None
         for trial in todo:
@@ -428,6 +430,18 @@ def restore_common(trials, forget=True):
         for trial, paths in zip(trials, listed):
             _forget_after(os.path.join(trial.run_dir, resume.CHECKPOINT_DIR), paths, chosen)
     return chosen
+
+
+def _check_same_step(strategy, step):
+    """RuntimeError unless every worker restored the pack at `step`. They read the same
+    files, so they should; one resuming elsewhere (the chief's checkpoints changing under
+    it) would go on in lockstep with the others from other weights."""
+    mine = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant([step], tf.int64))
+    steps = sorted({int(s) for s in strategy.gather(mine, axis=0).numpy()})
+    if steps != [step]:
+        raise RuntimeError(f"the workers restored the pack at different steps ({steps}); "
+                           f"re-run the same command on every worker")
 
 
 def _state_variables(trial):
