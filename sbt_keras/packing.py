@@ -28,7 +28,7 @@ AUTO = "auto"
 # Settings that may differ between the trials of one pack (output_dir is per trial).
 PER_TRIAL = ("base_lr", "log2_base_lr", "weight_decay", "output_dir")
 # Strategies a pack has been tested under; the others are refused (see check_pack).
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multi_worker")
 SEPARATE, GROUPED = "separate", "grouped"
 
 

@@ -344,7 +344,7 @@ def test_a_grid_with_nothing_to_pack_is_refused(tmp_path):
     packing.check_grid(base, valid, 1)  # no packing asked: fine
 
 
-@pytest.mark.parametrize("strategy", ["multi_worker", "tpu"])
+@pytest.mark.parametrize("strategy", ["tpu"])
 def test_packing_under_an_untested_strategy_is_refused(tmp_path, strategy):
     base = dataclasses.replace(_sweep_base(tmp_path), strategy=strategy)
     with pytest.raises(ConfigError, match=f"--pack is not supported with "

@@ -215,13 +215,14 @@ class Checkpointer(keras.callbacks.Callback):
         self.every_steps = every_steps
         self._last = None
 
-    def _step(self):
+    def step(self):
+        """The global step: the model's optimizer's (what a checkpoint is numbered by)."""
         return int(self.model.optimizer.iterations.numpy())
 
     def save(self):
         """Saves the current step unless it is saved already (or training diverged);
         returns the step."""
-        step = self._step()
+        step = self.step()
         if step != self._last and not self.divergence.diverged:
             self.manager.save(checkpoint_number=step)
             self._last = step
@@ -234,11 +235,11 @@ class Checkpointer(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.every_steps and self._last is None:  # interval saves at multiples of N
-            step = self._step()
+            step = self.step()
             self._last = step - step % self.every_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self._step()
+        step = self.step()
         if step % self.steps_per_epoch == 0:
             return  # the epoch's end: saved by on_epoch_end, after the evaluation
         self._stop_if_preempted()

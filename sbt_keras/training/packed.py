@@ -21,6 +21,12 @@ packed trial like any other) -- and returns their results in order.
   another pack: the checkpoints are those of an unpacked run.
 - SIGTERM: every trial saves its checkpoint at the next step boundary, then the pack stops
   with `preempted` in each open trial's result.yaml (exit 143), like an unpacked run.
+- Multi-worker (--strategy=multi_worker), as an unpacked run (train.py): every worker calls
+  `train_pack` with the same trials; the chief keeps the trials' records, the others write
+  theirs to scratch copies (distribute.scratch_dir) deleted when they finish; all resume
+  from the chief's checkpoints, which only the chief forgets, and check that they all
+  restored the same step before training; a SIGTERM to any worker stops every worker at one
+  agreed step (training/preemption.py), where every open trial saves.
 """
 import contextlib
 import dataclasses
@@ -41,14 +47,16 @@ from sbt_keras import models
 from sbt_keras.training import callbacks, norm_records, resume, schedules, snapshot, train_eval
 from sbt_keras.training.builder import build_model
 from sbt_keras.training.packed_model import PackedModel, prefix
+from sbt_keras.training.preemption import agreed_stop
 
 
 @dataclasses.dataclass
 class _Trial:
     """One trial of the pack and everything the run keeps of it."""
     index: int
-    cfg: object
+    cfg: object  # output_dir: where this process writes (a non-chief worker: scratch)
     stored: dict
+    run_dir: str  # the trial's records, which every worker resumes from (the chief's)
     schedule: object = None
     network: object = None
     model: object = None  # its SummedGradientModel (a member of the packed model)
@@ -56,6 +64,7 @@ class _Trial:
     recorder: object = None
     callbacks: list = dataclasses.field(default_factory=list)
     checkpoint: object = None
+    checkpointer: object = None  # its callbacks.Checkpointer (one of `callbacks`)
     history: list = dataclasses.field(default_factory=list)
     extra_variables: list = dataclasses.field(default_factory=list)
     done: bool = False
@@ -68,7 +77,7 @@ class _Trial:
 
     @property
     def name(self):
-        return os.path.basename(os.path.normpath(self.out))
+        return os.path.basename(os.path.normpath(self.run_dir))
 
     def logs(self, packed_logs):
         """The pack's logs of this trial under an unpacked run's names."""
@@ -85,19 +94,24 @@ class _Trial:
 def train_pack(cfgs, strategy=None, extra_callbacks=()):
     """Runs (or resumes, or returns the finished results of) the trials `cfgs` as one
     program; returns their results in order. `extra_callbacks` see the packed model and
-    its logs (tests use them to inject faults)."""
+    its logs (tests use them to inject faults). In a multi-worker cluster every process
+    calls this with the same `cfgs` (the module docstring says who writes what)."""
     packing.check_pack(cfgs)
     lead = cfgs[0]
     info = lead.data_info()
+    chief = distribute.is_chief(lead.strategy)
     trials = []
     for index, cfg in enumerate(cfgs):
         stored = resume.stored_config(cfg.output_dir)
-        trial = _Trial(index=index, cfg=cfg, stored=stored)
+        trial = _Trial(index=index, cfg=cfg, stored=stored, run_dir=cfg.output_dir)
         finished = resume.check_output_dir(cfg, info, stored)
         if finished is not None:
             logging.info("%s already holds this run's result (%s); nothing to do.",
                          cfg.output_dir, finished["status"])
             trial.done, trial.result = True, finished
+        if not chief:  # as train.py: records to scratch, resumed from the chief's
+            trial.cfg = dataclasses.replace(
+                cfg, output_dir=distribute.scratch_dir(cfg.output_dir))
         trials.append(trial)
     todo = [t for t in trials if not t.done]
     if not todo:
@@ -145,7 +159,9 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
                 divergence_reference=trial.divergence.reference)
             trial.history = read_history(trial.out)
         packed._maybe_symbolic_build()  # the optimizers' state exists before a restore
-        start_step = restore_common(todo)
+        start_step = restore_common(todo, forget=chief)
+        if lead.strategy == "multi_worker":
+            _check_same_step(strategy, start_step)
         packed.assemble()  # the grouped formulation's fused weights from the trials'
         plan = None
         for trial in todo:
@@ -161,7 +177,11 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
         test_ds = source.eval_dataset(batch_size=lead.eval_batch_size)
         eval_steps = -(-info.num_test // lead.eval_batch_size)
         started = time.monotonic()
-        with callbacks.Preemption() as preemption:
+        with callbacks.Preemption() as preemption, contextlib.ExitStack() as stack:
+            # Multi-worker: the workers agree on one step to stop at, where every open
+            # trial saves (training/preemption.py); one acting alone would block the others.
+            agreed = lead.strategy == "multi_worker"
+            alone = None if agreed else preemption
             for trial in todo:
                 manager = tf.train.CheckpointManager(
                     trial.checkpoint, os.path.join(trial.out, resume.CHECKPOINT_DIR),
@@ -178,23 +198,51 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
                                                         trial.out),
                     trial.cfg.keep_checkpoint_every_epochs, trial.divergence)
                 ] if trial.cfg.keep_checkpoint_every_epochs else []
+                trial.checkpointer = callbacks.Checkpointer(
+                    manager, trial.divergence, alone, steps_per_epoch,
+                    trial.cfg.checkpoint_every_steps)
                 trial.callbacks = [
                     callbacks.RestoreMetrics(metric_variables,
                                              [v.numpy() for v in metric_variables]
                                              if plan.mid_epoch else None),
                     trial.divergence, trial.recorder, _TrialLog(trial.name, trial.cfg.epochs),
-                    callbacks.Checkpointer(manager, trial.divergence, preemption,
-                                           steps_per_epoch, trial.cfg.checkpoint_every_steps),
-                    *snapshots]
+                    trial.checkpointer, *snapshots]
+            stops = [stack.enter_context(agreed_stop(
+                strategy, preemption, _PackSave(packed, todo), steps_per_epoch))
+            ] if agreed else []
             finish = functools.partial(_finish, lead=lead, info=info, start_step=start_step,
                                        started=started, names=names)
             dispatcher = PackCallbacks(todo, test_ds, eval_steps, finish)
             fit_phases(packed, source, lead, plan, steps_per_epoch, (test_ds, eval_steps),
-                       [dispatcher, *extra_callbacks], stopped=lambda: all(t.done for t in todo))
+                       [dispatcher, *stops, *extra_callbacks],
+                       stopped=lambda: all(t.done for t in todo))
             for trial in todo:
                 if not trial.done:
                     finish(trial)
+    if not chief:
+        for trial in todo:
+            tf.io.gfile.rmtree(trial.out)  # the scratch copy (train.py does the same)
     return [t.result for t in trials]
+
+
+class _PackSave:
+    """What training/preemption.py's agreed_stop saves through at the agreed step: every
+    open trial's own Checkpointer (each skips a step it saved already, or a diverged
+    trial); `step` is the pack's global step (the packed model's own optimizer is unused)."""
+
+    def __init__(self, packed, trials):
+        self.packed = packed
+        self.trials = trials
+        self.manager = trials[0].checkpointer.manager  # for its directory
+
+    def step(self):
+        return self.packed.step
+
+    def save(self):
+        for trial in self.trials:
+            if not trial.done:
+                trial.checkpointer.save()
+        return self.step()
 
 
 def _formulation(lead, trials):
@@ -343,14 +391,17 @@ def _finish(trial, *, lead, info, start_step, started, names):
                  result["status"], lead.median_of, result["test_accuracy"])
 
 
-def restore_common(trials):
+def restore_common(trials, forget=True):
     """Restores every trial at the newest global step at which each of them holds a readable
-    checkpoint and returns it (0: none, everyone starts from its initial weights); forgets
-    every trial's checkpoints after that step."""
+    checkpoint in its run directory (the chief's, on every worker of a cluster) and returns
+    it (0: none, everyone starts from its initial weights); with `forget` (the chief only:
+    the checkpoints are its records) forgets every trial's checkpoints after that step.
+    Every worker reads the same files, so all pick the same step."""
 
     listed = []
     for trial in trials:
-        state = tf.train.get_checkpoint_state(os.path.join(trial.out, resume.CHECKPOINT_DIR))
+        state = tf.train.get_checkpoint_state(
+            os.path.join(trial.run_dir, resume.CHECKPOINT_DIR))
         paths = list(state.all_model_checkpoint_paths) if state else []
         listed.append({_step_of(p): p for p in paths})
     variables = [_state_variables(t) for t in trials]
@@ -375,9 +426,22 @@ def restore_common(trials):
         for vs, values in zip(variables, initial):
             for variable, value in zip(vs, values):
                 variable.assign(value)
-    for trial, paths in zip(trials, listed):
-        _forget_after(os.path.join(trial.out, resume.CHECKPOINT_DIR), paths, chosen)
+    if forget:
+        for trial, paths in zip(trials, listed):
+            _forget_after(os.path.join(trial.run_dir, resume.CHECKPOINT_DIR), paths, chosen)
     return chosen
+
+
+def _check_same_step(strategy, step):
+    """RuntimeError unless every worker restored the pack at `step`. They read the same
+    files, so they should; one resuming elsewhere (the chief's checkpoints changing under
+    it) would go on in lockstep with the others from other weights."""
+    mine = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant([step], tf.int64))
+    steps = sorted({int(s) for s in strategy.gather(mine, axis=0).numpy()})
+    if steps != [step]:
+        raise RuntimeError(f"the workers restored the pack at different steps ({steps}); "
+                           f"re-run the same command on every worker")
 
 
 def _state_variables(trial):

@@ -58,6 +58,14 @@ class PackedModel(SummedGradientModel):
         # Every member's trackers, so Keras resets them at each epoch and evaluation start.
         return [m for member in self.members for m in member.metrics]
 
+    def get_metrics_result(self):
+        """Every active member's metrics under its logged name, read from the metric
+        variables (summed over replicas). Keras's fit and evaluate report these, since the
+        names match the step's logs, rather than the last step's replica-averaged logs:
+        an evaluation batch padded on some replicas makes that average inexact."""
+        return {prefix(k) + metric.name: metric.result()
+                for k in self.active for metric in self.members[k].metrics}
+
     def compile(self, steps_per_execution=1, jit_compile=False):
         # Keras wants an optimizer; the members' own optimizers do the updates, this one
         # is never applied.

@@ -37,15 +37,17 @@ from sbt_keras.errors import Preempted
 
 class AgreedStop(keras.callbacks.Callback):
     """Asks the handler at every block boundary whether the cluster agreed to stop there;
-    if so it has saved through `checkpointer` and this raises Preempted."""
+    if so it has saved through `checkpointer` and this raises Preempted. `step()` is the
+    global step."""
 
-    def __init__(self, handler, steps_per_epoch):
+    def __init__(self, handler, steps_per_epoch, step):
         super().__init__()
         self.handler = handler
         self.steps_per_epoch = steps_per_epoch
+        self.step = step
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) % self.steps_per_epoch:
+        if self.step() % self.steps_per_epoch:
             self.handler.save_checkpoint_if_preempted()
         # else: the epoch's last block, checked in on_epoch_end after its row
 
@@ -57,10 +59,12 @@ class AgreedStop(keras.callbacks.Callback):
 def agreed_stop(strategy, preemption, checkpointer, steps_per_epoch):
     """Yields the callback that stops every worker of a multi-worker cluster at one agreed
     step, saving there (see the module docstring); stops the handler's watcher threads when
-    training ends without a preemption."""
+    training ends without a preemption. `checkpointer`: a callbacks.Checkpointer, or what
+    a pack saves through (training/packed.py): its `save()`, `step()` (the global step)
+    and `manager.directory` are used."""
     def exit_fn():  # every worker, right after its save at the agreed step
-        step = int(checkpointer.model.optimizer.iterations.numpy())
-        raise Preempted(f"preempted at step {step}, checkpoint saved by every worker")
+        raise Preempted(f"preempted at step {checkpointer.step()}, checkpoint saved by "
+                        f"every worker")
 
     config = tf.distribute.experimental.TerminationConfig(
         termination_watcher_fn=lambda: preemption.requested, exit_fn=exit_fn,
@@ -72,7 +76,7 @@ def agreed_stop(strategy, preemption, checkpointer, steps_per_epoch):
         max_to_keep=1)
     handler = tf.distribute.experimental.PreemptionCheckpointHandler(
         strategy.cluster_resolver, unused, termination_config=config)
-    yield AgreedStop(handler, steps_per_epoch)
+    yield AgreedStop(handler, steps_per_epoch, checkpointer.step)
     # A normal end (after a preemption the handler has stopped its threads before exit_fn;
     # after an error they are daemons, left to die with the process, since stopping them
     # talks to a coordination service that may be gone). Its __del__ would stop them, but
