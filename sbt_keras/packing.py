@@ -27,8 +27,6 @@ from sbt_keras.errors import ConfigError
 AUTO = "auto"
 # Settings that may differ between the trials of one pack (output_dir is per trial).
 PER_TRIAL = ("base_lr", "log2_base_lr", "weight_decay", "output_dir")
-# Strategies a pack has been tested under; the others are refused (see check_pack).
-STRATEGIES = ("default", "mirrored", "multi_worker")
 SEPARATE, GROUPED = "separate", "grouped"
 
 
@@ -80,7 +78,6 @@ def check_grid(base: Config, valid, pack):
     """Refuses a --pack that cannot pack anything or runs where packing is untested."""
     if not enabled(pack):
         return
-    check_strategy(base)
     check_formulation(base)
     defaults = Config()
     per_trial = [f"--{name}" for name in PER_TRIAL_INSTRUMENTS
@@ -156,17 +153,10 @@ def formulation(cfg: Config, device, trials):
     return SEPARATE
 
 
-def check_strategy(cfg: Config):
-    if cfg.strategy not in STRATEGIES:
-        raise ConfigError(f"--pack is not supported with --strategy={cfg.strategy} (tested: "
-                          f"{', '.join(STRATEGIES)}); drop --pack or use one of those")
-
-
 def check_pack(cfgs):
     """ConfigError unless the resolved configs `cfgs` can train as one program."""
     if not cfgs:
         raise ConfigError("a pack needs at least one trial")
-    check_strategy(cfgs[0])
     check_formulation(cfgs[0])
     first = cfgs[0].to_dict()
     for cfg in cfgs[1:]:

@@ -4,7 +4,7 @@ Each pack below is compared with the same trials run alone by `train`: histories
 column but wall time) and the final weights, loaded back through training/snapshot.py as
 the instruments load them. With --deterministic they agree to the bit; the assertions
 allow float tolerance. K = 3 with warm-up and both decay steps inside the run. The AlexNet
-is marked slow (`make test-all`).
+packs and the separate formulation under MirroredStrategy are marked slow (`make test-all`).
 """
 import dataclasses
 import logging
@@ -214,7 +214,8 @@ def test_a_diverging_trial_is_frozen_and_recorded_the_others_go_on(tmp_path, for
     assert out[1]["diverged_at_step"] < out[0]["steps"] == 8
 
 
-@pytest.mark.parametrize("formulation", ["separate", "grouped"])
+@pytest.mark.parametrize("formulation", [pytest.param("separate", marks=pytest.mark.slow),
+                                         "grouped"])
 def test_a_pack_under_mirrored_strategy_equals_its_trials_alone_there(tmp_path, mirrored,
                                                                       formulation):
     # 2 replicas split the shared batch of 4; BN over each replica's 2 examples; a
@@ -342,14 +343,6 @@ def test_a_grid_with_nothing_to_pack_is_refused(tmp_path):
                                           r"only in the base learning rate"):
         packing.check_grid(base, valid, 4)
     packing.check_grid(base, valid, 1)  # no packing asked: fine
-
-
-@pytest.mark.parametrize("strategy", ["tpu"])
-def test_packing_under_an_untested_strategy_is_refused(tmp_path, strategy):
-    base = dataclasses.replace(_sweep_base(tmp_path), strategy=strategy)
-    with pytest.raises(ConfigError, match=f"--pack is not supported with "
-                                          f"--strategy={strategy}"):
-        packing.check_strategy(base)
 
 
 @pytest.mark.parametrize("change, named", [
