@@ -1,6 +1,7 @@
 """keras-tuner's chief/worker mode: a chief and 2 worker processes on localhost share a grid."""
 import pathlib
 
+import pytest
 import yaml
 
 from processes import finish, free_port, start
@@ -24,6 +25,7 @@ def _table(out):
             for r in results.read_csv(pathlib.Path(out) / "results.csv")]
 
 
+@pytest.mark.slow  # ~70 s: three processes; the oracle's hand-out is tested in test_parallel_grid
 def test_chief_and_two_workers_share_one_grid(tmp_path):
     reference = tmp_path / "single"
     finish(_start(reference))

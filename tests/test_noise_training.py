@@ -49,6 +49,7 @@ def test_the_noise_columns_and_results(with_and_without):
         assert result["gns_b_simple_mean"] == pytest.approx(np.mean(finite))
 
 
+@pytest.mark.slow  # ~19 s; the estimators agree in test_gradient_noise
 def test_replica_and_split_batch_sources_agree(tmp_path, mirrored):
     # One device splits each batch of 8 into halves of 4; two replicas get the same halves.
     _, _, split = _run(tmp_path, "split", gns_every_steps=2, epochs=1)

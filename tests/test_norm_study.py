@@ -198,6 +198,7 @@ def test_a_bn_point_of_a_norm_sweep_drops_options_only_bn_reads(tmp_path):
     assert configs["norm-layer"].bn_momentum == 0.99  # layer norm has no moving statistics
 
 
+@pytest.mark.slow  # ~17 s
 def test_mix_trains_the_same_on_two_replicas(tmp_path, mirrored):
     from sbt_keras.train import train
 
