@@ -127,16 +127,20 @@ def check_formulation(cfg: Config):
 # trials/h x one at a time, grouped vs separate: ResNet-20 m = 2: 1.61 vs 1.27, 4: 1.82 vs
 # 1.44, 8: 1.18 vs 1.31, 16: 1.25 vs 1.33; ResNet-8 m = 2: 2.53 vs 1.37, 4: 1.43 vs 1.25,
 # 8: 1.48 vs 1.39, 16: 1.28 vs 1.31.
+# The reduced AlexNet, quiet machine (load 0.6-1.4), trials/h x one at a time, grouped vs
+# separate: --norm=batch m = 2: 1.51 vs 1.22, 4: 1.69 vs 1.31, 8: 1.49 vs 1.35, 16: 1.18
+# vs 1.14, 32: 1.17 vs 1.19; --norm=none m = 2: 1.34 vs 1.19, 4: 1.45 vs 1.47, 8: 1.26 vs
+# 1.23, 16: 1.38 vs 1.31 (level from m = 4): the same crossovers serve.
 CPU_GROUPED_MAX_BATCH = {"batch": 16, "none": 4}
 # The models those crossovers were measured with; on a CPU the others run separate.
-CPU_MEASURED_MODELS = ("resnet8", "resnet20", "resnet32")
+CPU_MEASURED_MODELS = ("resnet8", "resnet20", "resnet32", "alexnet_reduced")
 
 
 def formulation(cfg: Config, device, trials):
     """SEPARATE or GROUPED for a pack of `trials` trials of `cfg` on `device` ("cpu",
     "gpu", "tpu"). `auto`: grouped on GPU/TPU (grouped convolutions are native there);
     on a CPU grouped only up to CPU_GROUPED_MAX_BATCH[norm], the crossover measured with
-    the CIFAR ResNets (CPU_MEASURED_MODELS); separate
+    the CPU_MEASURED_MODELS; separate
     wherever grouped cannot run (grouped_refusal) and for a single trial."""
     check_formulation(cfg)
     if trials < 2 or cfg.pack_formulation == SEPARATE:

@@ -517,6 +517,13 @@ def test_auto_formulation_is_grouped_on_accelerators_and_measured_on_cpu(tmp_pat
     assert packing.formulation(dataclasses.replace(cfg, norm="none"), "gpu", 8) == \
         packing.GROUPED
     assert packing.formulation(cfg, "gpu", 1) == packing.SEPARATE  # one trial: nothing to fuse
+    # AlexNet's crossovers were measured too; ResNet-50 has no fused network.
+    alexnet = dataclasses.replace(cfg, model="alexnet_reduced")
+    assert packing.formulation(alexnet, "cpu", 8) == packing.GROUPED
+    assert packing.formulation(dataclasses.replace(alexnet, batch_size=32), "cpu", 8) == \
+        packing.SEPARATE
+    assert packing.formulation(dataclasses.replace(cfg, model="resnet50"), "gpu", 8) == \
+        packing.SEPARATE
     forced = dataclasses.replace(cfg, pack_formulation="separate")
     assert packing.formulation(forced, "gpu", 8) == packing.SEPARATE
 

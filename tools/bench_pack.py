@@ -10,7 +10,7 @@ eta_tilde (ResNet-20 + BN by default), trained three ways:
   packed         the K trials as one program of K sub-graphs (training/packed_model.py,
                  `--pack=K --pack_formulation=separate`)
   grouped        the K trials as one fused network: grouped convs, K-way logits
-                 (training/grouped.py, `--pack_formulation=grouped`; CIFAR ResNets with
+                 (training/grouped.py, `--pack_formulation=grouped`; CIFAR ResNets and AlexNet with
                  --norm=none|batch, else left out)
   workers        W processes each training one trial at the same time on the same device
                  (what `--sweep_workers=W` does); their step rates add up
