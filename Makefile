@@ -140,7 +140,8 @@ figure: $(STAMP)
 # Throughput against stock Keras fit, PyTorch (installed here as an optional extra) and the
 # arithmetic limit: make bench [BENCH_FLAGS="--models=resnet8,resnet20 --norms=none,batch"];
 # then trials/hour of a packed grid column vs one at a time vs --sweep_workers
-# (tools/bench_pack.py) [BENCH_PACK_FLAGS="--pack=8 --workers=2 --batch_sizes=2,8,32"]
+# (tools/bench_pack.py), and where the time of a step goes at m = 8 (--breakdown)
+# [BENCH_PACK_FLAGS="--pack=8 --workers=2 --batch_sizes=2,8,32 --breakdown=8"]
 BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_FLAGS ?=
 BENCH_PACK_FLAGS ?=

@@ -44,6 +44,19 @@ def test_smoke_table_names_the_machine(smoke):
     assert "| resnet8 | none | 2 | 2 |" in text and "grouped pack ms/step" in text
 
 
+def test_breakdown_profiles_every_contender_per_k_trials():
+    # Structure only (no timings are asserted): every contender's op classes, the convs
+    # among them, and one trial's step counted K times.
+    table = bench_pack.breakdown("resnet8", "none", 2, 2, steps=2, jit=False,
+                                 shape=(8, 8, 3))
+    assert list(table) == ["one trial × K", "separate pack", "grouped pack"]
+    for column in table.values():
+        assert column["wall"] > 0 and column["conv fwd"] > 0
+    text = bench_pack.breakdown_markdown("resnet8", "none", 2, 2, table)
+    assert "| op class | one trial × K | separate pack | grouped pack |" in text
+    assert "| wall (timed) |" in text and "| conv fwd |" in text
+
+
 def test_cpu_info_reads_model_and_instruction_sets(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n"

@@ -42,7 +42,7 @@ from sbt_keras.training import schedules  # noqa: E402
 from sbt_keras.training.grouped import GroupedPackModel  # noqa: E402
 from sbt_keras.training.packed_model import PackedModel  # noqa: E402
 from sbt_keras.training.summed_sgd import SummedGradientModel, build_optimizer  # noqa: E402
-from tools import bench, machine  # noqa: E402
+from tools import bench, machine, profile_step  # noqa: E402
 
 FLAGS = flags.FLAGS
 SHAPE = (32, 32, 3)
@@ -72,6 +72,9 @@ def define_flags():
                          "Also time one 3x3 conv layer's step (forward, backward, update) for "
                          "K trials as K separate convs vs one grouped conv, with and without "
                          "XLA: the choice of packed formulation on this device.")
+    flags.DEFINE_list("breakdown", ["8"], "m values at which to also profile where a "
+                      "step's time goes, op class by op class: K x one trial vs the packs "
+                      "(default m = 8, where the CPU target is missed; empty: none).")
     flags.DEFINE_string("out", "runs/bench", "Where bench_pack.md and .json go.")
     flags.DEFINE_string("worker_dir", "", "(internal) run as one timed worker process.")
 
@@ -268,6 +271,45 @@ def run(name="resnet20", norm="batch", batch_sizes=(2, 8, 32), k=8, workers=2, s
     return rows, device
 
 
+def breakdown(name, norm, m, k, steps, jit, shape=SHAPE):
+    """Where the time of a step goes: {contender: {op class: ms per step}}, each contender
+    timed once after a warm-up block, then profiled once (tools/profile_step.py's TF op
+    classes; "wall" is the timed block). One trial's
+    step is multiplied by K, so every column is the cost of K trials' steps. Op times on
+    TF's inter-op threads overlap, so a column may sum to more than its wall time."""
+    single, _ = single_block(name, norm, m, steps, jit, shape)
+    blocks = {"one trial × K": single,
+              "separate pack": packed_block(name, norm, m, k, steps, jit, shape),
+              "grouped pack": grouped_block(name, norm, m, k, steps, jit, shape)}
+    out = {}
+    for label, block in blocks.items():
+        if block is None:
+            continue
+        scale = k if block is single else 1
+        block()  # warm-up: tracing
+        wall = block()  # timed without the profiler
+        classes = profile_step.tf_profiled(block, steps)
+        out[label] = {"wall": wall * 1e3 * scale,
+                      **{cls: ms * scale for cls, ms in classes.items()}}
+    return out
+
+
+def breakdown_markdown(name, norm, m, k, table):
+    """One table: op classes as rows, contenders as columns (ms per K trials' step)."""
+    labels = list(table)
+    classes = [c for c in ("wall", *profile_step.CLASSES)
+               if any(c in column for column in table.values())]
+    lines = [f"Where the time goes: {name} + {norm}, m = {m}, K = {k}, ms per step of K "
+             f"trials (TF profiler; op classes of tools/profile_step.py; ops on parallel "
+             f"threads overlap; the grouped pack's per-slice update and live mask are "
+             f"elementwise ops, counted in 'other ops').", "",
+             "| op class | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for cls in classes:
+        lines.append(f"| {'wall (timed)' if cls == 'wall' else cls} | " + " | ".join(
+            f"{table[label].get(cls, 0.0):.1f}" for label in labels) + " |")
+    return "\n".join(lines)
+
+
 COLUMNS = [("model", "model", "{}"), ("norm", "norm", "{}"), ("m", "m", "{}"),
            ("k", "K", "{}"),
            ("single_ms", "one trial ms/step", "{:.1f}"),
@@ -328,6 +370,10 @@ def main(argv):
     if FLAGS.formulations:
         table = {m: conv_formulations(FLAGS.pack, int(m)) for m in FLAGS.batch_sizes}
         text += "\n\n" + formulations_markdown(FLAGS.pack, table)
+    for m in map(int, FLAGS.breakdown):
+        table = breakdown(FLAGS.model, FLAGS.norm, m, FLAGS.pack, FLAGS.steps,
+                          FLAGS.jit_compile)
+        text += "\n\n" + breakdown_markdown(FLAGS.model, FLAGS.norm, m, FLAGS.pack, table)
     bench.write_report(FLAGS.out, "bench_pack", text, device, rows)
 
 

@@ -189,8 +189,8 @@ def tf_block(name, m, steps):
     return bench._fit_block(model, m, shape, steps)
 
 
-def tf_profiled(block):
-    """{class: ms per step} of one profiled block."""
+def tf_profiled(block, steps=None):
+    """{class: ms per step} of one profiled block of `steps` steps (default --steps)."""
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory() as logdir:
@@ -200,7 +200,8 @@ def tf_profiled(block):
         path = next(os.path.join(d, f) for d, _, files in os.walk(logdir) for f in files
                     if f.endswith(".xplane.pb"))
         events = xspace_events(path)
-    return {k: v / FLAGS.steps for k, v in summed((tf_class(n), ms) for n, ms in events).items()}
+    steps = steps or FLAGS.steps
+    return {k: v / steps for k, v in summed((tf_class(n), ms) for n, ms in events).items()}
 
 
 # ---------------------------------------------------------------------- PyTorch
