@@ -19,8 +19,10 @@ $(STAMP): requirements.txt
 	touch $@
 
 # The CI suite: everything except tests marked slow.
+# Two pytest-xdist workers (a test keeps about one core busy); a file's tests stay together.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -81,16 +81,20 @@ def pytest_runtest_makereport(item, call):
 def pytest_sessionfinish(session):
     if not _fault_outcomes:
         return
+    import fcntl
     import json
-    try:
-        log = json.loads(FAULT_LOG.read_text()) if FAULT_LOG.exists() else {}
-    except ValueError:
-        log = {}
-    log.update(_fault_outcomes)
     FAULT_LOG.parent.mkdir(parents=True, exist_ok=True)
-    tmp = FAULT_LOG.with_suffix(".tmp")
-    tmp.write_text(json.dumps(log, indent=1, sort_keys=True))
-    tmp.replace(FAULT_LOG)
+    # `make test` runs pytest-xdist workers, each merging its own outcomes: one at a time.
+    with open(FAULT_LOG.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            log = json.loads(FAULT_LOG.read_text()) if FAULT_LOG.exists() else {}
+        except ValueError:
+            log = {}
+        log.update(_fault_outcomes)
+        tmp = FAULT_LOG.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(log, indent=1, sort_keys=True))
+        tmp.replace(FAULT_LOG)
 
 
 # ---------------------------------------------------------------------- SIGTERM hygiene

@@ -19,8 +19,9 @@ from pack_probe import configs
 from processes import finish, free_port, start
 from sbt_keras import results
 from sbt_keras.train import train
-from test_preemption import _STOPPED, _latest_checkpoint, _wait_for
-from test_strategies import RUN, _assert_same, _checkpoint, _history
+from test_preemption import (_assert_resumed_as_uninterrupted, _latest_checkpoint,
+                             _stopped_step, _wait_for)
+from test_strategies import RUN, _assert_same
 
 # m = 8 over 24 examples: 3 steps, one epoch; 2 replicas normalize over 4 examples each.
 SETTINGS = {k: v for k, v in RUN.items() if k != "base_lr"}
@@ -69,11 +70,11 @@ def test_a_pack_on_two_workers_equals_its_trials_alone_on_one_device(tmp_path):
 
 # 24 steps an epoch in blocks of 4, 72 in all (tests/test_preemption.py's run).
 LONGER = dict(SETTINGS, synthetic_train=192, epochs=3, steps_per_execution=4)
-STEPS_PER_EPOCH, TOTAL_STEPS = 24, 72
 TRIALS = ["lr-6", "lr-4"]
 
 
 @pytest.mark.slow
+@pytest.mark.fault("SIGTERM to one worker of a 2-worker multi_worker pack")
 def test_sigterm_to_one_worker_stops_the_pack_at_one_step_and_resumes_exactly(tmp_path):
     run, reference = tmp_path / "run", tmp_path / "reference"
     started = []
@@ -102,33 +103,3 @@ def test_sigterm_to_one_worker_stops_the_pack_at_one_step_and_resumes_exactly(tm
     for trial in TRIALS:
         _assert_resumed_as_uninterrupted(run / trial, reference / trial, step)
         assert not list((run / trial).glob("workertemp_*"))
-
-
-def _stopped_step(workers):
-    """The step both workers name on exiting 143 (it must be one)."""
-    steps = []
-    for proc in workers:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 143, err[-3000:]
-        errors = [line for line in err.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, err[-3000:]
-        steps.append(int(_STOPPED.search(errors[0]).group(1)))
-    assert steps[0] == steps[1] and STEPS_PER_EPOCH <= steps[0] < TOTAL_STEPS, steps
-    return steps[0]
-
-
-def _assert_resumed_as_uninterrupted(got_dir, want_dir, step):
-    """Bit for bit but for the stopped epoch's mean training loss, to a few ulp (a metric's
-    running sum is restored as total / workers: tests/test_preemption.py)."""
-    assert results.read_yaml(got_dir / results.RESULT_FILE)["steps"] == TOTAL_STEPS
-    got, want = _history(got_dir), _history(want_dir)
-    stopped_epoch = step // STEPS_PER_EPOCH
-    assert got[stopped_epoch]["train_loss"] == pytest.approx(
-        want[stopped_epoch]["train_loss"], rel=1e-6)
-    if step % STEPS_PER_EPOCH:
-        got[stopped_epoch]["train_loss"] = want[stopped_epoch]["train_loss"]
-    assert got == want, [(a, b) for a, b in zip(got, want) if a != b]
-    got, want = _checkpoint(got_dir), _checkpoint(want_dir)
-    assert got.keys() == want.keys()
-    for name, value in want.items():
-        assert (got[name] == value).all(), name

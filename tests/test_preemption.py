@@ -40,6 +40,38 @@ def _latest_checkpoint(directory):
     return max(steps)
 
 
+def _stopped_step(workers):
+    """The step both workers name on exiting 143 (it must be one)."""
+    steps = []
+    for proc in workers:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 143, err[-3000:]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, err[-3000:]
+        steps.append(int(_STOPPED.search(errors[0]).group(1)))
+    assert steps[0] == steps[1] and STEPS_PER_EPOCH <= steps[0] < TOTAL_STEPS, steps
+    return steps[0]
+
+
+def _assert_resumed_as_uninterrupted(got_dir, want_dir, step):
+    """Bit for bit but for the stopped epoch's mean training loss: Keras keeps a metric's
+    running sum per worker (a SUM SyncOnRead variable); the checkpoint holds the total,
+    restored as total / 2 on each worker, so the epoch's remaining batches are added in
+    another order (a difference of a few ulp; docs/scale_out.md)."""
+    assert results.read_yaml(got_dir / results.RESULT_FILE)["steps"] == TOTAL_STEPS
+    got, want = _history(got_dir), _history(want_dir)
+    stopped_epoch = step // STEPS_PER_EPOCH
+    assert got[stopped_epoch]["train_loss"] == pytest.approx(
+        want[stopped_epoch]["train_loss"], rel=1e-6)
+    if step % STEPS_PER_EPOCH:
+        got[stopped_epoch]["train_loss"] = want[stopped_epoch]["train_loss"]
+    assert got == want, [(a, b) for a, b in zip(got, want) if a != b]
+    got, want = _checkpoint(got_dir), _checkpoint(want_dir)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert (got[name] == value).all(), name
+
+
 @pytest.mark.slow
 @pytest.mark.fault("SIGTERM to one worker of a 2-worker multi_worker run")
 def test_sigterm_to_one_worker_stops_every_worker_at_one_step_and_resumes_exactly(tmp_path):
@@ -59,15 +91,7 @@ def _stop_and_resume(run, reference, started):
     started += uninterrupted + workers
     _wait_for(run / results.HISTORY_FILE, workers)
     workers[1].send_signal(signal.SIGTERM)
-    steps = []
-    for proc in workers:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 143, err[-3000:]
-        errors = [line for line in err.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, err[-3000:]
-        steps.append(int(_STOPPED.search(errors[0]).group(1)))
-    step = steps[0]
-    assert steps == [step, step] and STEPS_PER_EPOCH <= step < TOTAL_STEPS, steps
+    step = _stopped_step(workers)
     # Each worker saved that step: the chief in the run, worker 1 in its scratch copy.
     assert _latest_checkpoint(run / "checkpoints") == step
     assert _latest_checkpoint(run / "workertemp_worker1" / "checkpoints") == step
@@ -80,22 +104,7 @@ def _stop_and_resume(run, reference, started):
     started += resumed
     for proc in resumed + uninterrupted:
         finish(proc)
-    assert results.read_yaml(run / "result.yaml")["steps"] == TOTAL_STEPS
-    # Bit for bit, but for the stopped epoch's mean training loss: Keras keeps a metric's
-    # running sum per worker (a SUM SyncOnRead variable); the checkpoint holds the total,
-    # restored as total / 2 on each worker, so the epoch's remaining batches are added in
-    # another order (a difference of a few ulp; docs/scale_out.md).
-    got, want = _history(run), _history(reference)
-    stopped_epoch = step // STEPS_PER_EPOCH  # 0-based; its row is the one resumed mid-epoch
-    assert got[stopped_epoch]["train_loss"] == pytest.approx(
-        want[stopped_epoch]["train_loss"], rel=1e-6)
-    if step % STEPS_PER_EPOCH:
-        got[stopped_epoch]["train_loss"] = want[stopped_epoch]["train_loss"]
-    assert got == want, [(a, b) for a, b in zip(got, want) if a != b]
-    got, want = _checkpoint(run), _checkpoint(reference)
-    assert got.keys() == want.keys()
-    for name, value in want.items():
-        assert (got[name] == value).all(), name
+    _assert_resumed_as_uninterrupted(run, reference, step)
     assert not list(run.glob("workertemp_*"))
 
 
