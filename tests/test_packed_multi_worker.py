@@ -6,9 +6,8 @@ alone on one device with BN over the per-replica 4 examples (tests/test_strategi
 comparison: every checkpoint variable and history value), with its own result.yaml in the
 chief's directory and no worker's scratch copy left. A SIGTERM to worker 1 alone must stop
 both workers at one step where every trial saved, and a re-run must end as an
-uninterrupted pack (as tests/test_preemption.py's unpacked case). Both are `slow`: the
-first takes 41-58 s here (two TensorFlow worker processes start and trace the pack on 2
-shared cores), the second about 3 minutes.
+uninterrupted pack (as tests/test_preemption.py's unpacked case). The first takes 24 s on a
+quiet 2-core machine (41-58 s while other tests ran); the second, 85 s quiet, is `slow`.
 """
 import json
 import signal
@@ -43,7 +42,6 @@ def _pack_workers(root, settings=SETTINGS):
                      *map(str, RATES)])
 
 
-@pytest.mark.slow  # 41-58 s on the shared 2 cores: 2 TensorFlow workers start and trace
 def test_a_pack_on_two_workers_equals_its_trials_alone_on_one_device(tmp_path):
     pack = tmp_path / "pack"
     workers = _pack_workers(pack)  # they run while this process trains the references
