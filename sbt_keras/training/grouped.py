@@ -43,8 +43,8 @@ share (m/R) * lambda_k * w_k, and the replicas' gradients are summed elementwise
 the update, which is applied to every replica's copy in a cross-replica merge: the order
 of operations of SummedGradientModel + Keras SGD under that strategy.
 
-Supported: the CIFAR ResNets with a per-channel norm (none, batch incl. sub-batch BN);
-`packing.check_formulation` refuses the rest with one line.
+Supported: the CIFAR ResNets and the reduced AlexNet with a per-channel norm (none, batch
+incl. sub-batch BN); `packing.check_formulation` refuses the rest with one line.
 """
 import keras
 import tensorflow as tf
