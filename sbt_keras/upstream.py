@@ -68,6 +68,13 @@ TensorFlow 2.21 (`sbt_keras/training/preemption.py`):
   and otherwise in `__del__`, which nothing promises to run before the chief (which hosts
   the coordination service the threads block on) exits. No upstream issue found.
 
+TensorFlow 2.21 (`sbt_keras/training/grouped.py`, the grouped packs' update):
+- `tf.__internal__.distribute.interim.maybe_merge_call(fn, strategy, *args)` (defined in
+  `tensorflow.python.distribute.merge_call_interim`): the per-slice update is applied to
+  every replica's copy of a variable in a cross-replica merge, through the same call
+  Keras's TF optimizer uses for its own updates (it merges only where the strategy needs
+  it), so a grouped pack updates as an unpacked run does under every strategy.
+
 Log texts matched, not hooks (`sbt_keras/console.py`; if an upgrade rewords one, that line is
 simply shown again): TensorFlow's native start-up lines without a GPU (cudart_stub's "Could
 not find cuda drivers", cuda_platform's "failed call to cuInit", port.cc's "oneDNN custom
@@ -96,6 +103,8 @@ TUNER_METHODS = (
     ("keras_tuner.Tuner", "_is_worker", ()),
 )
 TF_METHODS = (
+    ("tensorflow.python.distribute.merge_call_interim", "maybe_merge_call",
+     ("fn", "strategy", "args", "kwargs")),
     ("tensorflow.python.distribute.failure_handling.failure_handling."
      "PreemptionCheckpointHandler", "_stop_cluster_wise_termination_watcher_thread", ()),
     ("tensorflow.python.distribute.failure_handling.failure_handling."

@@ -98,3 +98,11 @@ def test_fit_reads_the_train_function_anew_for_every_block():
     x, y = np.zeros((8, 2), np.float32), np.zeros((8, 1), np.float32)
     model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[Swap()])
     assert len(calls) == 2, f"fit kept its own train function: {WHY}"
+
+
+def test_the_merge_call_grouped_packs_use_is_exported_where_they_call_it():
+    import tensorflow as tf
+    from tensorflow.python.distribute import merge_call_interim
+
+    assert tf.__internal__.distribute.interim.maybe_merge_call is \
+        merge_call_interim.maybe_merge_call, WHY
