@@ -9,7 +9,6 @@ from absl import flags
 
 from sbt_keras import config as config_lib
 from sbt_keras import flags as run_flags
-from sbt_keras import models
 from sbt_keras.config import Config
 from sbt_keras.errors import ConfigError
 
