@@ -1,4 +1,5 @@
 """Helpers for tests that start sbt_keras in other processes."""
+import contextlib
 import os
 import pathlib
 import socket
@@ -25,3 +26,16 @@ def finish(proc, timeout=600):
     """Waits for `proc`; fails the test with its stderr tail unless it exited 0."""
     _, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
+
+
+@contextlib.contextmanager
+def killed_if_left():
+    """A list for the processes a test starts; any still running when the block ends
+    (only after a failure: a passing test has finished them all) is killed."""
+    started = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()

@@ -15,7 +15,7 @@ import signal
 import pytest
 
 from pack_probe import configs
-from processes import finish, free_port, start
+from processes import finish, free_port, killed_if_left, start
 from sbt_keras import results
 from sbt_keras.train import train
 from test_preemption import (_assert_resumed_as_uninterrupted, _latest_checkpoint,
@@ -75,8 +75,7 @@ TRIALS = ["lr-6", "lr-4"]
 @pytest.mark.fault("SIGTERM to one worker of a 2-worker multi_worker pack")
 def test_sigterm_to_one_worker_stops_the_pack_at_one_step_and_resumes_exactly(tmp_path):
     run, reference = tmp_path / "run", tmp_path / "reference"
-    started = []
-    try:
+    with killed_if_left() as started:
         uninterrupted = _pack_workers(reference, LONGER)  # alongside, on other ports
         workers = _pack_workers(run, LONGER)
         started += uninterrupted + workers
@@ -94,10 +93,6 @@ def test_sigterm_to_one_worker_stops_the_pack_at_one_step_and_resumes_exactly(tm
         started += resumed
         for proc in resumed + uninterrupted:
             finish(proc)
-    finally:
-        for proc in started:  # only after a failure: a worker still running
-            if proc.poll() is None:
-                proc.kill()
     for trial in TRIALS:
         _assert_resumed_as_uninterrupted(run / trial, reference / trial, step)
         assert not list((run / trial).glob("workertemp_*"))

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from processes import finish
+from processes import finish, killed_if_left
 from sbt_keras import results
 from test_strategies import RUN, _checkpoint, _history, _mwms_workers
 
@@ -76,13 +76,8 @@ def _assert_resumed_as_uninterrupted(got_dir, want_dir, step):
 @pytest.mark.fault("SIGTERM to one worker of a 2-worker multi_worker run")
 def test_sigterm_to_one_worker_stops_every_worker_at_one_step_and_resumes_exactly(tmp_path):
     run, reference = tmp_path / "run", tmp_path / "reference"
-    started = []
-    try:
+    with killed_if_left() as started:
         _stop_and_resume(run, reference, started)
-    finally:
-        for proc in started:  # only after a failure: a worker still running
-            if proc.poll() is None:
-                proc.kill()
 
 
 def _stop_and_resume(run, reference, started):
