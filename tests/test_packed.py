@@ -214,6 +214,20 @@ def test_a_diverging_trial_is_frozen_and_recorded_the_others_go_on(tmp_path, for
     assert out[1]["diverged_at_step"] < out[0]["steps"] == 8
 
 
+def test_a_grouped_pack_on_two_replicas_freezes_a_diverging_trial(tmp_path, mirrored,
+                                                                 diverging_alone):
+    # The NaN-isolating recomputation runs on each replica (no collective inside its
+    # branch); the others still equal their runs alone (on one device: no BN, so the
+    # replicas' summed gradient is the whole batch's, up to the order of the sum).
+    cfgs = _configs(tmp_path / "pack", DIVERGING_RATES, **DIVERGING,
+                    pack_formulation="grouped")
+    out = train_pack(cfgs, strategy=mirrored)
+    assert [r["status"] for r in out] == ["completed", "diverged", "completed"]
+    for cfg in (cfgs[0], cfgs[2]):
+        assert_same_run(cfg.output_dir, diverging_alone[pathlib.Path(cfg.output_dir).name])
+    assert out[1]["diverged_at_step"] < out[0]["steps"] == 8
+
+
 @pytest.mark.parametrize("formulation", [pytest.param("separate", marks=pytest.mark.slow),
                                          "grouped"])
 def test_a_pack_under_mirrored_strategy_equals_its_trials_alone_there(tmp_path, mirrored,
