@@ -12,6 +12,7 @@ gradients all-reduced with SUM, so the global batch of m examples is summed exac
 Importing this module does not import TensorFlow: `check_tf_config` and `task` are used by
 config validation before anything heavy happens.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -91,6 +92,14 @@ def scratch_dir(output_dir):
     """Where a non-chief worker writes its copy of the records (deleted when it finishes)."""
     role, index = task()
     return f"{output_dir.rstrip('/')}/workertemp_{role}{index}"
+
+
+def as_written_here(cfg):
+    """`cfg` with the output_dir this process writes to: its own on the chief (and outside
+    a cluster), the scratch copy on any other worker, which resumes from the chief's."""
+    if is_chief(cfg.strategy):
+        return cfg
+    return dataclasses.replace(cfg, output_dir=scratch_dir(cfg.output_dir))
 
 
 # One strategy per process: a cluster or TPU system is initialized once, and several

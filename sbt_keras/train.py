@@ -8,7 +8,6 @@
   checkpoints/  model + optimizer after each epoch; a re-run of the same command resumes
 """
 import contextlib
-import dataclasses
 import functools
 import os
 import platform
@@ -54,8 +53,7 @@ def train(cfg: Config, strategy=None, extra_callbacks=()) -> dict:
         return finished
     run_dir = cfg.output_dir  # where the records live; non-chief workers resume from it
     chief = distribute.is_chief(cfg.strategy)
-    if not chief:
-        cfg = dataclasses.replace(cfg, output_dir=distribute.scratch_dir(cfg.output_dir))
+    cfg = distribute.as_written_here(cfg)
     out = cfg.output_dir
 
     # ------------------------------------------------------------------ Strategy

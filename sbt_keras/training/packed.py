@@ -109,9 +109,7 @@ def train_pack(cfgs, strategy=None, extra_callbacks=()):
             logging.info("%s already holds this run's result (%s); nothing to do.",
                          cfg.output_dir, finished["status"])
             trial.done, trial.result = True, finished
-        if not chief:  # as train.py: records to scratch, resumed from the chief's
-            trial.cfg = dataclasses.replace(
-                cfg, output_dir=distribute.scratch_dir(cfg.output_dir))
+        trial.cfg = distribute.as_written_here(cfg)  # resumed from the chief's, as train.py
         trials.append(trial)
     todo = [t for t in trials if not t.done]
     if not todo:
