@@ -57,6 +57,24 @@ def test_breakdown_profiles_every_contender_per_k_trials():
     assert "| wall (timed) |" in text and "| conv fwd |" in text
 
 
+@pytest.mark.bad_input("bench_pack --breakdown / --batch_sizes that are not batch sizes")
+@pytest.mark.parametrize("flag", ["--breakdown=x", "--breakdown=0", "--batch_sizes=2,-8"])
+def test_bad_batch_sizes_are_one_line_before_measuring(flag):
+    import subprocess
+    import sys
+
+    from processes import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "tools.bench_pack", flag, "--workers=0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    name = flag.split("=")[0]
+    lines = [line for line in proc.stderr.splitlines() if "takes batch sizes" in line]
+    assert len(lines) == 1 and f"{name} takes batch sizes m >= 1" in lines[0], \
+        proc.stderr[-500:]
+    assert "matmul peak" not in proc.stdout  # nothing was measured
+
+
 def test_cpu_info_reads_model_and_instruction_sets(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n"

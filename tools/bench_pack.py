@@ -10,8 +10,8 @@ eta_tilde (ResNet-20 + BN by default), trained three ways:
   packed         the K trials as one program of K sub-graphs (training/packed_model.py,
                  `--pack=K --pack_formulation=separate`)
   grouped        the K trials as one fused network: grouped convs, K-way logits
-                 (training/grouped.py, `--pack_formulation=grouped`; CIFAR ResNets and AlexNet with
-                 --norm=none|batch, else left out)
+                 (training/grouped.py, `--pack_formulation=grouped`; CIFAR ResNets and
+                 AlexNet with --norm=none|batch, else left out)
   workers        W processes each training one trial at the same time on the same device
                  (what `--sweep_workers=W` does); their step rates add up
 Each is converted to trials per hour of a reference trial (`--trial_epochs` epochs of
@@ -77,6 +77,13 @@ def define_flags():
                       "(default m = 8, where the CPU target is missed; empty: none).")
     flags.DEFINE_string("out", "runs/bench", "Where bench_pack.md and .json go.")
     flags.DEFINE_string("worker_dir", "", "(internal) run as one timed worker process.")
+    for name in ("batch_sizes", "breakdown"):  # one line before anything is measured
+        flags.register_validator(name, _batch_sizes,
+                                 message=f"--{name} takes batch sizes m >= 1, e.g. 2,8")
+
+
+def _batch_sizes(values):
+    return all(v.isdigit() and int(v) >= 1 for v in values)
 
 
 def _member(name, norm, m, log2_lr, shape):
@@ -107,8 +114,8 @@ def grouped_block(name, norm, m, k, steps, jit, shape=SHAPE):
         return None
     members = [_member(name, norm, m, FIRST_LOG2_LR + i, shape)[1] for i in range(k)]
     fused = bench._network(name, norm, m, 0, shape, trials=k)
-    packed = GroupedPackModel(fused, members, [schedules.WarmupStepDecay(2.0 ** (FIRST_LOG2_LR + i))
-                                               for i in range(k)])
+    packed = GroupedPackModel(fused, members, [
+        schedules.WarmupStepDecay(2.0 ** (FIRST_LOG2_LR + i)) for i in range(k)])
     packed.compile(steps_per_execution=steps, jit_compile=jit)
     packed.assemble()
     return bench._fit_block(packed, m, shape, steps)
@@ -274,9 +281,10 @@ def run(name="resnet20", norm="batch", batch_sizes=(2, 8, 32), k=8, workers=2, s
 def breakdown(name, norm, m, k, steps, jit, shape=SHAPE):
     """Where the time of a step goes: {contender: {op class: ms per step}}, each contender
     timed once after a warm-up block, then profiled once (tools/profile_step.py's TF op
-    classes; "wall" is the timed block). One trial's
-    step is multiplied by K, so every column is the cost of K trials' steps. Op times on
-    TF's inter-op threads overlap, so a column may sum to more than its wall time."""
+    classes; "wall" is the timed block). One trial's step is multiplied by K, so every
+    column is the cost of K trials' steps. Op times on TF's inter-op threads overlap, so a
+    column may sum to more than its wall time. Builds its own blocks: `run`'s are timed
+    interleaved and not kept."""
     single, _ = single_block(name, norm, m, steps, jit, shape)
     blocks = {"one trial × K": single,
               "separate pack": packed_block(name, norm, m, k, steps, jit, shape),
